@@ -1,0 +1,243 @@
+"""Autograd ops whose backward follows a saliency rule and keeps almost nothing.
+
+* :func:`relu` keeps 1 bit per element (``f > 0``) for Gradient and Guided, nothing for DeconvNet.
+* :func:`max_pool2d` keeps one int8 switch per pooled element.
+* :func:`relu_max_pool2d` keeps the switches plus 1 bit per pooled element.
+* :func:`conv2d` / :func:`linear` keep only the weight: their backward computes the input
+  gradient alone (weights and biases get no gradient).
+
+Forward outputs are bit-identical to torch's. None of these ops supports double backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from fastsal import _library  # noqa: F401  (registers torch.ops.fastsal.*)
+from fastsal._checks import IntOrPair, check_same_device, check_tensor, pair
+from fastsal.rules import Rule, RuleLike, as_rule
+
+_NO_RULE = -1
+# int8 switches hold offsets 0..127
+MAX_WINDOW = 127
+
+
+def _layout(x: torch.Tensor):
+    """Memory format the kernels walk x in; a non-dense x is copied into it once."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(x: torch.Tensor, fmt) -> torch.Tensor:
+    return x.contiguous(memory_format=fmt) if fmt is torch.channels_last else x.contiguous()
+
+
+def _empty_bits(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0, dtype=torch.uint8)
+
+
+class _ReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rule_code: int, inplace: bool):
+        fmt = _layout(x)
+        store = rule_code != Rule.DECONVNET.code and ctx.needs_input_grad[0]
+        y, bits = torch.ops.fastsal.relu_forward(_dense(x, fmt), store)
+        ctx.rule_code = rule_code
+        ctx.fmt = fmt
+        ctx.save_for_backward(bits)
+        if inplace:
+            x.copy_(y)
+            ctx.mark_dirty(x)
+            return x
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        grad_in = torch.ops.fastsal.relu_backward(_dense(grad, ctx.fmt), bits, ctx.rule_code)
+        return grad_in, None, None
+
+
+def relu(x: torch.Tensor, rule: RuleLike, inplace: bool = False) -> torch.Tensor:
+    """``torch.relu(x)`` whose backward applies ``rule`` (``"gradient"``, ``"deconvnet"``, ``"guided"``)."""
+    rule = as_rule(rule)
+    check_tensor(x, "x")
+    return _ReLUFunction.apply(x, rule.code, bool(inplace))
+
+
+def _pool_args(x, kernel_size, stride, padding, dilation):
+    check_tensor(x, "x", dims=(3, 4))
+    k = pair(kernel_size, "kernel_size", minimum=1)
+    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else pair(stride, "stride", minimum=1)
+    p = pair(padding, "padding", minimum=0)
+    d = pair(dilation, "dilation", minimum=1)
+    if k[0] * k[1] > MAX_WINDOW:
+        raise ValueError(
+            f"a pooling window of {k[0]}x{k[1]} = {k[0] * k[1]} positions is too large: fastsal stores the "
+            f"argmax in an int8 switch, so windows may have at most {MAX_WINDOW} positions; "
+            "use torch.nn.functional.max_pool2d for this layer"
+        )
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"padding {p} must be at most half the kernel size {k}, as in torch.nn.functional.max_pool2d")
+    return k, s, p, d
+
+
+class _MaxPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode, rule_code):
+        fused = rule_code != _NO_RULE
+        store = fused and rule_code != Rule.DECONVNET.code and ctx.needs_input_grad[0]
+        channels_last = _layout(x) is torch.channels_last
+        pooled, switches, bits = torch.ops.fastsal.max_pool2d_forward(
+            x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode, fused, store
+        )
+        ctx.args = (list(x.shape), list(kernel), list(stride), list(padding), list(dilation), channels_last)
+        ctx.rule_code = rule_code
+        ctx.save_for_backward(switches, bits)
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        switches, bits = ctx.saved_tensors
+        shape, kernel, stride, padding, dilation, channels_last = ctx.args
+        grad_in = torch.ops.fastsal.max_pool2d_backward(
+            grad, switches, bits, ctx.rule_code, shape, kernel, stride, padding, dilation, channels_last
+        )
+        return grad_in, None, None, None, None, None, None
+
+
+def _pool(x, rule_code, kernel_size, stride, padding, dilation, ceil_mode):
+    k, s, p, d = _pool_args(x, kernel_size, stride, padding, dilation)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    out = _MaxPool2dFunction.apply(x, k, s, p, d, bool(ceil_mode), rule_code)
+    return out.squeeze(0) if unbatched else out
+
+
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: IntOrPair,
+    stride: Optional[IntOrPair] = None,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    """``F.max_pool2d`` (3-D or 4-D input) whose backward unpools through int8 switches."""
+    return _pool(x, _NO_RULE, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def relu_max_pool2d(
+    x: torch.Tensor,
+    rule: RuleLike,
+    kernel_size: IntOrPair,
+    stride: Optional[IntOrPair] = None,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    """``max_pool2d(relu(x, rule), ...)`` in one pass; the full-resolution ReLU mask is never stored."""
+    rule = as_rule(rule)
+    return _pool(x, rule.code, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+class _Conv2dInputGradFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conv = (list(x.shape), stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        grad_in = None
+        if ctx.needs_input_grad[0]:
+            grad_in = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
+        return grad_in, None, None, None, None, None, None
+
+
+def _same_padding(weight_hw: Sequence[int], dilation) -> list:
+    """(left, right, top, bottom) padding torch uses for padding='same'."""
+    pads = []
+    for k, d in zip(reversed(weight_hw), reversed(dilation)):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: Union[IntOrPair, str] = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` whose backward computes only the input gradient and saves only the weight."""
+    check_tensor(x, "x", dims=(3, 4))
+    check_tensor(weight, "weight", dims=(4,))
+    check_same_device(x=x, weight=weight, bias=bias)
+    s = pair(stride, "stride", minimum=1)
+    d = pair(dilation, "dilation", minimum=1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            p = (0, 0)
+        elif padding == "same":
+            if s != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in torch)")
+            lrtb = _same_padding(weight.shape[-2:], d)
+            if lrtb[0] != lrtb[1] or lrtb[2] != lrtb[3]:
+                # asymmetric 'same' padding: pad explicitly (F.pad saves nothing), then convolve
+                x = F.pad(x, lrtb)
+                p = (0, 0)
+            else:
+                p = (lrtb[2], lrtb[0])
+        else:
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    else:
+        p = pair(padding, "padding", minimum=0)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    out = _Conv2dInputGradFunction.apply(x, weight, bias, s, p, d, int(groups))
+    return out.squeeze(0) if unbatched else out
+
+
+class _LinearInputGradFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_in = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        return grad_in, None, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` whose backward computes only the input gradient and saves only the weight."""
+    check_tensor(x, "x")
+    check_tensor(weight, "weight", dims=(2,))
+    check_same_device(x=x, weight=weight, bias=bias)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dimension ({x.shape[-1] if x.dim() else 'none'}) must equal weight's in_features ({weight.shape[1]})"
+        )
+    return _LinearInputGradFunction.apply(x, weight, bias)
+
+
+__all__ = ["relu", "max_pool2d", "relu_max_pool2d", "conv2d", "linear", "MAX_WINDOW"]

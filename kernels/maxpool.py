@@ -1,0 +1,230 @@
+"""Max-pool forward with int8 switches (optionally on relu(x)), and the unpool backward.
+
+The forward writes, per pooled element, the value, the argmax's offset inside its window
+(``kh * KW + kw``, so windows up to 127 positions fit an int8) and, for the fused ReLU,
+one sign bit. The backward is a gather: each input position visits the windows that can
+contain it and sums the gradients of those whose switch points at it, so overlapping
+windows need no atomics and the result is deterministic.
+
+Both kernels walk their output in memory order (NCHW or NHWC), so channels_last tensors
+are read and written where they lie, without a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launchable, needs_int64
+from .reference import pool_output_size
+
+# Pooled elements per program, as a [BLOCK_BYTES, 8] tile so sign bits pack like relu's.
+FORWARD_BLOCK_BYTES = 64
+# Input elements per program in the gather; each does up to KH*KW masked switch loads.
+BACKWARD_BLOCK_SIZE = 512
+
+
+@triton.jit
+def _decompose(offsets, C, H, W, CHANNELS_LAST: tl.constexpr):
+    """(n, c, h, w) of flat memory-order offsets in an NCHW or NHWC dense tensor."""
+    if CHANNELS_LAST:
+        c = offsets % C
+        rest = offsets // C
+        w = rest % W
+        rest = rest // W
+        h = rest % H
+        n = rest // H
+    else:
+        w = offsets % W
+        rest = offsets // W
+        h = rest % H
+        rest = rest // H
+        c = rest % C
+        n = rest // C
+    return n, c, h, w
+
+
+@triton.jit
+def _max_pool2d_forward_kernel(
+    x_ptr,  # input (N, C, H, W), any strides
+    out_ptr,  # pooled (N, C, OH, OW), dense in the memory format being walked
+    switch_ptr,  # int8 argmax offset inside the window, laid out as out
+    bits_ptr,  # uint8 packed [pooled > 0], in out's memory order
+    C, H, W, OH, OW,
+    sxn, sxc, sxh, sxw,  # input strides, in elements
+    n_out,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    STORE_MASK: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    lanes = tl.arange(0, 8)
+    offsets = byte_offsets[:, None] * 8 + lanes[None, :]
+    mask = offsets < n_out
+    n, c, oh, ow = _decompose(offsets, C, OH, OW, CHANNELS_LAST)
+    base = x_ptr + n * sxn + c * sxc
+    h0 = oh * stride_h - pad_h
+    w0 = ow * stride_w - pad_w
+
+    best = tl.full(offsets.shape, float("-inf"), tl.float32)
+    switch = tl.full(offsets.shape, -1, tl.int32)
+    for kh in tl.static_range(KH):
+        ih = h0 + kh * dil_h
+        row_ok = mask & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = w0 + kw * dil_w
+            valid = row_ok & (iw >= 0) & (iw < W)
+            v = tl.load(base + ih * sxh + iw * sxw, mask=valid, other=float("-inf")).to(tl.float32)
+            if APPLY_RELU:
+                v = tl.where(v < 0, tl.zeros_like(v), v)
+            # torch's order: a strictly larger value or a NaN takes over; the first valid
+            # position stands when every value is -inf
+            take = valid & ((v > best) | (v != v) | (switch < 0))
+            best = tl.where(take, v, best)
+            switch = tl.where(take, kh * KW + kw, switch)
+    switch = tl.where(switch < 0, 0, switch)
+    tl.store(out_ptr + offsets, best.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(switch_ptr + offsets, switch.to(tl.int8), mask=mask)
+    if STORE_MASK:
+        packed = tl.sum((best > 0).to(tl.int32) << lanes[None, :], axis=1)
+        tl.store(bits_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets * 8 < n_out)
+
+
+@triton.jit
+def _unpool_backward_kernel(
+    grad_ptr,  # gradient of the pooled output (N, C, OH, OW), any strides
+    switch_ptr,  # int8 switches, dense in the forward output's memory format
+    bits_ptr,  # uint8 packed [pooled > 0] (fused ReLU rules 0 and 2 only)
+    out_ptr,  # gradient of the input (N, C, H, W), dense in the memory format being walked
+    C, H, W, OH, OW,
+    sgn, sgc, sgh, sgw,  # grad strides
+    ssn, ssc, ssh, ssw,  # switch strides
+    n_in,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    RULE: tl.constexpr,  # -1 plain unpool, 0 gradient, 1 deconvnet, 2 guided
+    CHANNELS_LAST: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_in
+    n, c, ih, iw = _decompose(offsets, C, H, W, CHANNELS_LAST)
+    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        # the window row oh contains ih at offset kh iff oh * stride_h == ih + pad_h - kh * dil_h
+        th = ih + pad_h - kh * dil_h
+        oh = th // stride_h
+        row_ok = mask & (th >= 0) & (th - oh * stride_h == 0) & (oh < OH)
+        for kw in tl.static_range(KW):
+            tw = iw + pad_w - kw * dil_w
+            ow = tw // stride_w
+            ok = row_ok & (tw >= 0) & (tw - ow * stride_w == 0) & (ow < OW)
+            s_off = n * ssn + c * ssc + oh * ssh + ow * ssw
+            s = tl.load(switch_ptr + s_off, mask=ok, other=-1).to(tl.int32)
+            hit = ok & (s == kh * KW + kw)
+            g = tl.load(grad_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=hit, other=0.0).to(tl.float32)
+            if RULE == 1:
+                hit = hit & (g > 0)
+            elif RULE >= 0:
+                # the switches are dense, so their offset is the pooled element's memory-order index
+                packed = tl.load(bits_ptr + (s_off >> 3), mask=hit, other=0).to(tl.int32)
+                hit = hit & (((packed >> (s_off & 7).to(tl.int32)) & 1) != 0)
+                if RULE == 2:
+                    hit = hit & (g > 0)
+            acc += tl.where(hit, g, 0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.size(1) > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def max_pool2d_forward(
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    apply_relu: bool,
+    store_mask: bool,
+):
+    """Same contract as :func:`fastsal._kernels.reference.max_pool2d_forward`."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n, c, h, w = x.shape
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    channels_last = _is_channels_last(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    switches = torch.empty((n, c, oh, ow), dtype=torch.int8, device=x.device, memory_format=fmt)
+    n_out = out.numel()
+    bits = torch.empty((n_out + 7) // 8 if store_mask else 0, dtype=torch.uint8, device=x.device)
+    if n_out == 0:
+        return out, switches, bits
+    grid = (triton.cdiv(triton.cdiv(n_out, 8), FORWARD_BLOCK_BYTES),)
+    launchable(_max_pool2d_forward_kernel)[grid](
+        x, out, switches, bits if store_mask else switches,
+        c, h, w, oh, ow,
+        *x.stride(),
+        n_out,
+        sh, sw, ph, pw, dh, dw,
+        KH=kh, KW=kw,
+        CHANNELS_LAST=channels_last, APPLY_RELU=apply_relu, STORE_MASK=store_mask,
+        INT64=needs_int64(x, out), BLOCK_BYTES=FORWARD_BLOCK_BYTES,
+    )
+    return out, switches, bits
+
+
+def max_pool2d_backward(
+    grad: torch.Tensor,
+    switches: torch.Tensor,
+    bits: torch.Tensor,
+    rule: int,
+    input_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    channels_last: bool,
+) -> torch.Tensor:
+    """Same contract as :func:`fastsal._kernels.reference.max_pool2d_backward`."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n, c, h, w = input_shape
+    oh, ow = switches.shape[-2:]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+    n_in = out.numel()
+    if n_in == 0:
+        return out
+    if grad.numel() == 0:
+        return out.zero_()
+    grid = (triton.cdiv(n_in, BACKWARD_BLOCK_SIZE),)
+    launchable(_unpool_backward_kernel)[grid](
+        grad, switches, bits if rule in (0, 2) else switches, out,
+        c, h, w, oh, ow,
+        *grad.stride(),
+        *switches.stride(),
+        n_in,
+        sh, sw, ph, pw, dh, dw,
+        KH=kh, KW=kw, RULE=rule,
+        CHANNELS_LAST=channels_last,
+        INT64=needs_int64(out, grad), BLOCK_SIZE=BACKWARD_BLOCK_SIZE,
+    )
+    return out

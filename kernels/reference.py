@@ -1,0 +1,160 @@
+"""Plain-torch reference of every kernel, with the launchers' exact signatures.
+
+This is both the CPU path and the oracle the Triton kernels are tested against. Tensors
+are handled in their *memory order* (channels_last stays channels_last), and bitmasks
+pack 8 positions per uint8 in that order, so a mask written by a kernel and one written
+here are byte-identical.
+
+Rule codes follow :class:`fastsal.Rule`: 0 gradient, 1 deconvnet, 2 guided; -1 in the
+pool backward means "plain unpool, no ReLU rule".
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+GRADIENT, DECONVNET, GUIDED, NO_RULE = 0, 1, 2, -1
+
+_LANES = None
+
+
+def _lanes(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, device=device, dtype=torch.uint8)
+
+
+def memory_order(x: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor in the order its elements sit in memory."""
+    if x.dim() == 0:
+        return x.reshape(1)
+    order = sorted(range(x.dim()), key=lambda d: (x.stride(d), x.size(d)), reverse=True)
+    return x.permute(order).reshape(-1)
+
+
+def pack_bits(positive: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor, in memory order, into ceil(n/8) uint8 (bit i of byte j = element 8j+i)."""
+    flat = memory_order(positive)
+    n = flat.numel()
+    padded = torch.zeros(((n + 7) // 8) * 8, dtype=torch.uint8, device=flat.device)
+    padded[:n] = flat.to(torch.uint8)
+    return (padded.view(-1, 8) << _lanes(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a boolean tensor with ``like``'s shape and strides."""
+    n = like.numel()
+    flat = ((bits.view(-1, 1) >> _lanes(bits.device)) & 1).view(-1)[:n].bool()
+    out = torch.empty_like(like, dtype=torch.bool)
+    memory_order(out).copy_(flat)
+    return out
+
+
+def relu_forward(x: torch.Tensor, store_mask: bool):
+    """``(relu(x), bits of x > 0)``; the bits are an empty uint8 tensor when not stored."""
+    y = torch.relu(x)
+    if store_mask:
+        bits = pack_bits(x > 0)
+    else:
+        bits = x.new_empty(0, dtype=torch.uint8)
+    return y, bits
+
+
+def apply_rule_code(grad: torch.Tensor, positive: Optional[torch.Tensor], rule: int) -> torch.Tensor:
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    if rule == DECONVNET:
+        keep = grad > 0
+    elif rule == GRADIENT:
+        keep = positive
+    elif rule == GUIDED:
+        keep = positive & (grad > 0)
+    else:
+        raise ValueError(f"unknown rule code {rule}")
+    return torch.where(keep, grad, zero)
+
+
+def relu_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int) -> torch.Tensor:
+    """The rule applied to ``grad``; ``grad`` has the forward input's shape and strides."""
+    positive = None if rule == DECONVNET else unpack_bits(bits, grad)
+    return apply_rule_code(grad, positive, rule)
+
+
+def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling output size, including ceil_mode's 'last window starts inside' rule."""
+    span = d * (k - 1) + 1
+    numer = size + 2 * p - span + ((s - 1) if ceil_mode else 0)
+    out = numer // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return max(out, 0)
+
+
+def _window_origin(n_out: int, s: int, p: int, device) -> torch.Tensor:
+    return torch.arange(n_out, device=device) * s - p
+
+
+def max_pool2d_forward(
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    apply_relu: bool,
+    store_mask: bool,
+):
+    """Max-pool a 4-D tensor; returns ``(pooled, int8 switches, bits of pooled > 0)``.
+
+    A switch is the argmax's offset inside its window, ``kh * kernel_w + kw``. With
+    ``apply_relu`` the pool runs on ``relu(x)`` (so ties among clipped zeros pick the first
+    position, exactly as ``max_pool2d(relu(x))``).
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    src = torch.relu(x) if apply_relu else x
+    pooled, index = F.max_pool2d(src, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, return_indices=True)
+    width = x.shape[-1]
+    oh, ow = pooled.shape[-2:]
+    rows = index // width - _window_origin(oh, sh, ph, x.device).view(-1, 1)
+    cols = index % width - _window_origin(ow, sw, pw, x.device).view(1, -1)
+    switches = ((rows // dh) * kw + (cols // dw)).to(torch.int8)
+    if store_mask:
+        bits = pack_bits(pooled > 0)
+    else:
+        bits = x.new_empty(0, dtype=torch.uint8)
+    return pooled, switches, bits
+
+
+def max_pool2d_backward(
+    grad: torch.Tensor,
+    switches: torch.Tensor,
+    bits: torch.Tensor,
+    rule: int,
+    input_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    channels_last: bool,
+) -> torch.Tensor:
+    """Unpool ``grad`` through the switches, summing where windows overlap.
+
+    With ``rule >= 0`` the ReLU rule is first applied at pooled resolution, ``bits`` being
+    the packed ``pooled > 0`` of the fused forward.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n, c, h, w = input_shape
+    if rule != NO_RULE:
+        positive = None if rule == DECONVNET else unpack_bits(bits, switches)
+        grad = apply_rule_code(grad, positive, rule)
+    oh, ow = grad.shape[-2:]
+    sw_long = switches.long()
+    rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (sw_long // kw) * dh
+    cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (sw_long % kw) * dw
+    index = (rows * w + cols).reshape(n, c, -1)
+    out = torch.zeros(n, c, h * w, dtype=grad.dtype, device=grad.device)
+    out.scatter_add_(2, index, grad.reshape(n, c, -1))
+    out = out.view(n, c, h, w)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
