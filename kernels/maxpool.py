@@ -4,7 +4,8 @@ The forward writes, per pooled element, the value, the argmax's offset inside it
 (``kh * KW + kw``, so windows up to 127 positions fit an int8) and, for the fused ReLU,
 one sign bit. The backward is a gather: each input position visits the windows that can
 contain it and sums the gradients of those whose switch points at it, so overlapping
-windows need no atomics and the result is deterministic.
+windows need no atomics and the result is deterministic. For the fused ReLU the rule is
+then applied to that sum, with the sign bit of any window that pointed there.
 
 Both kernels walk their output in memory order (NCHW or NHWC), so channels_last tensors
 are read and written where they lie, without a copy.
@@ -126,6 +127,7 @@ def _unpool_backward_kernel(
     mask = offsets < n_in
     n, c, ih, iw = _decompose(offsets, C, H, W, CHANNELS_LAST)
     acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    positive = tl.zeros((BLOCK_SIZE,), dtype=tl.int32)
     for kh in tl.static_range(KH):
         # the window row oh contains ih at offset kh iff oh * stride_h == ih + pad_h - kh * dil_h
         th = ih + pad_h - kh * dil_h
@@ -139,15 +141,19 @@ def _unpool_backward_kernel(
             s = tl.load(switch_ptr + s_off, mask=ok, other=-1).to(tl.int32)
             hit = ok & (s == kh * KW + kw)
             g = tl.load(grad_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=hit, other=0.0).to(tl.float32)
-            if RULE == 1:
-                hit = hit & (g > 0)
-            elif RULE >= 0:
-                # the switches are dense, so their offset is the pooled element's memory-order index
-                packed = tl.load(bits_ptr + (s_off >> 3), mask=hit, other=0).to(tl.int32)
-                hit = hit & (((packed >> (s_off & 7).to(tl.int32)) & 1) != 0)
-                if RULE == 2:
-                    hit = hit & (g > 0)
             acc += tl.where(hit, g, 0.0)
+            if RULE == 0 or RULE == 2:
+                # switches are dense, so their offset is the pooled element's memory-order index
+                packed = tl.load(bits_ptr + (s_off >> 3), mask=hit, other=0).to(tl.int32)
+                positive = positive | (((packed >> (s_off & 7).to(tl.int32)) & 1) & hit.to(tl.int32))
+    # the fused ReLU's rule acts on the summed gradient, as it does after a separate unpool;
+    # every window that points here saw the same ReLU input, so one sign serves them all
+    if RULE == 0:
+        acc = tl.where(positive != 0, acc, 0.0)
+    elif RULE == 1:
+        acc = tl.where(acc > 0, acc, 0.0)
+    elif RULE == 2:
+        acc = tl.where((positive != 0) & (acc > 0), acc, 0.0)
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -139,22 +139,29 @@ def max_pool2d_backward(
 ) -> torch.Tensor:
     """Unpool ``grad`` through the switches, summing where windows overlap.
 
-    With ``rule >= 0`` the ReLU rule is first applied at pooled resolution, ``bits`` being
-    the packed ``pooled > 0`` of the fused forward.
+    With ``rule >= 0`` (the fused ReLU) the rule is applied to the unpooled sum: every
+    window whose switch points at a position saw the same ReLU input there, and its sign
+    is the packed ``pooled > 0`` of the fused forward. (Applying the rule per window
+    before summing would differ from ``max_pool2d(relu(x))`` where windows overlap.)
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     n, c, h, w = input_shape
-    if rule != NO_RULE:
-        positive = None if rule == DECONVNET else unpack_bits(bits, switches)
-        grad = apply_rule_code(grad, positive, rule)
-    oh, ow = grad.shape[-2:]
+    oh, ow = switches.shape[-2:]
     sw_long = switches.long()
     rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (sw_long // kw) * dh
     cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (sw_long % kw) * dw
     index = (rows * w + cols).reshape(n, c, -1)
-    out = torch.zeros(n, c, h * w, dtype=grad.dtype, device=grad.device)
-    out.scatter_add_(2, index, grad.reshape(n, c, -1))
-    out = out.view(n, c, h, w)
+
+    def unpool(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(n, c, h * w, dtype=values.dtype, device=values.device)
+        return out.scatter_add_(2, index, values.reshape(n, c, -1)).view(n, c, h, w)
+
+    out = unpool(grad)
+    if rule != NO_RULE:
+        positive = None
+        if rule != DECONVNET:
+            positive = unpool(unpack_bits(bits, switches).to(torch.uint8)) > 0
+        out = apply_rule_code(out, positive, rule)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
