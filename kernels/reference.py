@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 GRADIENT, DECONVNET, GUIDED, NO_RULE = 0, 1, 2, -1
-
-_LANES = None
-
 
 def _lanes(device: torch.device) -> torch.Tensor:
     return torch.arange(8, device=device, dtype=torch.uint8)
@@ -33,9 +31,17 @@ def memory_order(x: torch.Tensor) -> torch.Tensor:
     return x.permute(order).reshape(-1)
 
 
+def _plain_cpu(t: torch.Tensor) -> bool:
+    # numpy's bit packing is far faster than any torch expression on a CPU, but it can only
+    # see real CPU tensors (not the fake ones torch.compile traces with)
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad
+
+
 def pack_bits(positive: torch.Tensor) -> torch.Tensor:
     """Pack a boolean tensor, in memory order, into ceil(n/8) uint8 (bit i of byte j = element 8j+i)."""
     flat = memory_order(positive)
+    if _plain_cpu(flat):
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     n = flat.numel()
     padded = torch.zeros(((n + 7) // 8) * 8, dtype=torch.uint8, device=flat.device)
     padded[:n] = flat.to(torch.uint8)
@@ -45,7 +51,10 @@ def pack_bits(positive: torch.Tensor) -> torch.Tensor:
 def unpack_bits(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a boolean tensor with ``like``'s shape and strides."""
     n = like.numel()
-    flat = ((bits.view(-1, 1) >> _lanes(bits.device)) & 1).view(-1)[:n].bool()
+    if _plain_cpu(bits):
+        flat = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little")).view(torch.bool)
+    else:
+        flat = ((bits.view(-1, 1) >> _lanes(bits.device)) & 1).view(-1)[:n].bool()
     out = torch.empty_like(like, dtype=torch.bool)
     memory_order(out).copy_(flat)
     return out
@@ -115,8 +124,10 @@ def max_pool2d_forward(
     pooled, index = F.max_pool2d(src, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, return_indices=True)
     width = x.shape[-1]
     oh, ow = pooled.shape[-2:]
-    rows = index // width - _window_origin(oh, sh, ph, x.device).view(-1, 1)
-    cols = index % width - _window_origin(ow, sw, pw, x.device).view(1, -1)
+    # int32 is plenty inside one plane (index < H * W) and twice as fast as int64
+    index32 = index.to(torch.int32)
+    rows = index32 // width - _window_origin(oh, sh, ph, x.device).view(-1, 1).to(torch.int32)
+    cols = index32 % width - _window_origin(ow, sw, pw, x.device).view(1, -1).to(torch.int32)
     switches = ((rows // dh) * kw + (cols // dw)).to(torch.int8)
     if store_mask:
         bits = pack_bits(pooled > 0)
@@ -150,18 +161,27 @@ def max_pool2d_backward(
     sw_long = switches.long()
     rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (sw_long // kw) * dh
     cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (sw_long % kw) * dw
-    index = (rows * w + cols).reshape(n, c, -1)
+    index = rows * w + cols
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # aten's max-pool backward reads only the shape and layout of its `self` argument
+    shape_of_input = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+
+    # aten re-derives the output size, so it needs to know whether ceil_mode made it
+    ceil_mode = (oh, ow) != (
+        pool_output_size(h, kh, sh, ph, dh, False),
+        pool_output_size(w, kw, sw, pw, dw, False),
+    )
 
     def unpool(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n, c, h * w, dtype=values.dtype, device=values.device)
-        return out.scatter_add_(2, index, values.reshape(n, c, -1)).view(n, c, h, w)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            values, shape_of_input, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode, index
+        )
 
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    if rule in (GRADIENT, GUIDED):
+        # every window pointing at a position shares its sign, so the mask can go first
+        grad = torch.where(unpack_bits(bits, switches), grad, zero)
     out = unpool(grad)
-    if rule != NO_RULE:
-        positive = None
-        if rule != DECONVNET:
-            positive = unpool(unpack_bits(bits, switches).to(torch.uint8)) > 0
-        out = apply_rule_code(out, positive, rule)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    if rule in (DECONVNET, GUIDED):
+        out = torch.where(out > 0, out, zero)
+    return out.contiguous(memory_format=fmt)

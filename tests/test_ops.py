@@ -308,3 +308,64 @@ def test_bad_input_errors():
         ops.linear(torch.randn(2, 5), torch.randn(3, 4))
     with pytest.raises(TypeError, match="floating-point"):
         ops.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.uint8), 2)
+
+
+# ---- on a GPU: the ops through the compiled kernels, torch.compile and CUDA graphs ----------
+
+
+def _gpu_step(x, w):
+    y = ops.conv2d(x, w, padding=1)
+    y = ops.relu_max_pool2d(y, "guided", 3, 2, 1)
+    return ops.max_pool2d(ops.relu(y, "guided"), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_ops_match_cpu_reference(dtype):
+    x = torch.randn(4, 3, 37, 41, dtype=dtype)
+    w = torch.randn(16, 3, 3, 3, dtype=dtype)
+    r = torch.randn(4, 16, 9, 10, dtype=dtype)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        out = _gpu_step(xd, w.to(device))
+        out.backward(r.to(device))
+        outs[device] = (out.detach().float().cpu(), xd.grad.float().cpu())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel_l2(outs["cuda"][0], outs["cpu"][0]) <= tol
+    assert rel_l2(outs["cuda"][1], outs["cpu"][1]) <= tol
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_and_cuda_graph():
+    x = torch.randn(8, 3, 32, 32, device="cuda", requires_grad=True)
+    w = torch.randn(16, 3, 3, 3, device="cuda")
+    r = torch.randn(8, 16, 8, 8, device="cuda")
+    _gpu_step(x, w).backward(r)
+    expected = x.grad.clone()
+
+    x.grad = None
+    compiled = torch.compile(_gpu_step, fullgraph=True)
+    compiled(x, w).backward(r)
+    assert rel_l2(x.grad, expected) <= 1e-5
+
+    # one static-shape forward + backward captured as a CUDA graph and replayed
+    static_x = x.detach().clone().requires_grad_(True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            static_x.grad = None
+            _gpu_step(static_x, w).backward(r)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        _gpu_step(static_x, w).backward(r)
+    new_x = torch.randn_like(x)
+    static_x.data.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    new_x.requires_grad_(True)
+    _gpu_step(new_x, w).backward(r)
+    assert rel_l2(static_x.grad, new_x.grad) <= 1e-5

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One script for a GPU machine with no network, under 5 minutes: install fastsal, run the
+# `gpu` tests (compiled Triton kernels against the reference, every dtype, torch.compile
+# and a CUDA-graph capture), then the kernel benchmark. Logs and CSVs go to $OUT (or the
+# folder given as $1).
+#
+#   bash benchmarks/gpu_check.sh                # writes to $OUT, else benchmarks/results/gpu-<date>
+#   bash benchmarks/gpu_check.sh /tmp/results
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dest="${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}}"
+mkdir -p "$dest"
+export PYTHONUNBUFFERED=1
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$dest/machine.txt" 2>&1
+cat "$dest/machine.txt"
+
+python -m pip install -q --no-deps --no-build-isolation -e . > "$dest/install.log" 2>&1 || {
+  echo "install failed, see $dest/install.log"; tail -20 "$dest/install.log"; exit 1; }
+
+status=0
+timeout 240 python -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$dest/gpu_tests.log" || status=1
+timeout 120 python benchmarks/bench_kernels.py --out "$dest/kernels.csv" 2>&1 | tee "$dest/bench_kernels.log" || status=1
+echo "gpu_check finished with status $status; results in $dest"
+exit $status
