@@ -1,0 +1,161 @@
+"""The ``fastsal`` command line: ``run``, ``demo`` and ``topk`` (``python -m fastsal`` too)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+EPILOG = """examples:
+  fastsal demo --out demo/                      # offline, a minute on a CPU: the embedded model
+  fastsal run images/ --out maps/               # every image under images/, embedded model
+  fastsal run val/ --out maps/ --model resnet50 --weights IMAGENET1K_V2 --target label
+  torchrun --nproc_per_node=4 -m fastsal run val/ --out maps/ --model resnet50 --weights r50.pth
+then in Python:  fastsal.load_results("maps/")["cat/001.jpg"].box
+"""
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="saliency maps and localization boxes for a folder of images",
+        description="Compute a saliency map, the predicted class and a weak-localization box for every image "
+        "of SRC, and write them to DIR. Rerunning the same command resumes; several processes "
+        "(torchrun) split the work.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument("src", metavar="SRC", help="a folder of images (searched recursively; class subfolders give "
+                   "labels), or a .txt/.csv file of paths with optional labels (path,label)")
+    p.add_argument("--out", required=True, metavar="DIR", help="results folder (created; resumed if it holds this job)")
+    p.add_argument("--model", default=None, help="torchvision or timm model name, or module:function; "
+                   "default: the embedded model trained on synthetic shapes")
+    p.add_argument("--weights", default=None, help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2; "
+                   "downloads once, needs internet) or a local .pth/.pt/.safetensors state dict")
+    p.add_argument("--method", default="guided", choices=["gradient", "deconvnet", "guided"])
+    p.add_argument("--target", default="predicted", help="predicted (default), label (from class subfolders "
+                   "or the list file) or a class index")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: in the main process)")
+    p.add_argument("--size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--box-threshold", type=float, default=0.5,
+                   help="a box covers the largest connected region where the map >= this fraction of its max")
+    p.add_argument("--save-original-size", action="store_true", help="also store each map resized to its image")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="JPEG decoding: gpu = torchvision.io.decode_jpeg on CUDA (auto: when running on CUDA)")
+    p.add_argument("--loader-probe", type=int, default=256,
+                   help="images read by the loader alone first, to report its throughput (0: skip)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of a different configuration in DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo on the embedded model: overlays and the three methods side by side",
+                       description="Generate a few synthetic images, explain them with the embedded model and write "
+                       "overlay PNGs, a three-method grid and a summary. Runs offline in under a minute on a CPU.")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--images", type=int, default=8, help="how many synthetic images (default 8)")
+    p.add_argument("--method", default="guided", choices=["gradient", "deconvnet", "guided"])
+
+
+def _add_topk(sub) -> None:
+    p = sub.add_parser("topk", help="Zeiler & Fergus: the top-k images of a channel, with their DeconvNet projections",
+                       description="For one layer and channel, find the k images of SRC whose strongest activation in "
+                       "that channel is largest, project each back to pixels with DeconvNet, and write a PNG grid.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--layer", required=True, help="qualified name of a module of the model (e.g. features.8)")
+    p.add_argument("--channel", type=int, required=True)
+    p.add_argument("--k", type=int, default=9)
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--model", default=None)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--method", default="deconvnet", choices=["gradient", "deconvnet", "guided"])
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastsal",
+        description="fastsal: fast, memory-frugal saliency maps (Gradient, DeconvNet, Guided Backprop) for CNNs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_run(sub)
+    _add_demo(sub)
+    _add_topk(sub)
+    try:
+        from fastsal.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def _missing_extra(exc: ImportError) -> int:
+    print(f"fastsal: {exc}. The command line needs the cli extra: pip install 'fastsal[cli]'", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "demo":
+            from fastsal.jobs.demo import demo
+
+            summary = demo(args.out, n_images=args.images, method=args.method)
+            print(json.dumps(summary, indent=2))
+            return 0
+        if args.command == "topk":
+            from fastsal.jobs.topk import topk_from_args
+
+            print(topk_from_args(args))
+            return 0
+        if args.command == "bench":
+            from fastsal.bench.cli import run_bench
+
+            return run_bench(args)
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("PIL", "tqdm", "scipy", "torchvision"):
+            return _missing_extra(exc)
+        raise
+    return 2
+
+
+def _run(args) -> int:
+    from fastsal.jobs.runner import JobError, RunOptions, run
+
+    opts = RunOptions(
+        src=args.src, out=args.out, model=args.model, weights=args.weights, method=args.method,
+        target=args.target, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+        workers=args.workers, size=args.size, box_threshold=args.box_threshold,
+        save_original_size=args.save_original_size, overwrite=args.overwrite, decode=args.decode,
+        loader_probe=args.loader_probe, progress=not args.quiet,
+    )
+    try:
+        summary = run(opts)
+    except JobError as exc:
+        print(f"fastsal run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if summary is not None:
+        r = summary["this_run"]
+        lines = [
+            f"images: {summary['images_total']} ({summary['errors_total']} unusable, see errors.tsv)",
+            f"this run: {r['images']} images in {r['seconds']:.1f} s on {r['ranks']} process(es), {summary['device']}",
+            f"saliency: {r['saliency_images_per_s'] or 0:.1f} images/s; loader alone: "
+            f"{r['loader_only_images_per_s_rank0'] or 0:.1f} images/s (rank 0)",
+            f"results: {summary['out']}  (fastsal.load_results(...) reads them)",
+        ]
+        print("\n".join(lines))
+    return 0

@@ -1,0 +1,47 @@
+"""Weak localization from a saliency map (Simonyan et al. 2013, simplified): threshold the
+map, keep the largest connected component, take its bounding box."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+Box = Tuple[int, int, int, int]
+
+
+def weak_box(saliency: np.ndarray, threshold: float = 0.5, image_size: Optional[Tuple[int, int]] = None) -> Optional[Box]:
+    """The box ``(x0, y0, x1, y1)`` (exclusive ends) of the largest connected region where
+    ``saliency >= threshold * max``, in the coordinates of an image of ``image_size``
+    ``(width, height)`` (default: the map's own). None for an all-zero or non-finite map.
+    """
+    from scipy import ndimage
+
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"box threshold must be in (0, 1], got {threshold}")
+    m = np.asarray(saliency, dtype=np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"saliency map must be 2-D, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        return None
+    top = float(m.max()) if m.size else 0.0
+    if top <= 0.0:
+        return None
+    labels, count = ndimage.label(m >= threshold * top)
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    largest = int(np.argmax(sizes)) + 1
+    ys, xs = np.nonzero(labels == largest)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    h, w = m.shape
+    if image_size is None:
+        return int(x0), int(y0), int(x1), int(y1)
+    iw, ih = image_size
+    sx, sy = iw / w, ih / h
+    return (
+        int(np.floor(x0 * sx)),
+        int(np.floor(y0 * sy)),
+        min(iw, int(np.ceil(x1 * sx))),
+        min(ih, int(np.ceil(y1 * sy))),
+    )
