@@ -162,7 +162,14 @@ class _Conv2dInputGradFunction(torch.autograd.Function):
         shape, stride, padding, dilation, groups = ctx.conv
         grad_in = None
         if ctx.needs_input_grad[0]:
-            grad_in = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
+            # the transposed convolution, told the input size through output_padding: unlike
+            # torch.nn.grad.conv2d_input it needs no stand-in input tensor (which sends the CPU
+            # to a slow path) and allocates nothing but the result
+            out_pad = [
+                shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+                for i in range(2)
+            ]
+            grad_in = F.conv_transpose2d(grad, weight, None, stride, padding, out_pad, groups, dilation)
         return grad_in, None, None, None, None, None, None
 
 

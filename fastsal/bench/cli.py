@@ -1,0 +1,90 @@
+"""``fastsal bench``: the command-line face of :mod:`fastsal.bench.runner`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+QUICK = dict(models=["resnet18", "vgg11"], batch_sizes=[4], size=64, repeats=3, warmup=1)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="saliency throughput and memory: fastsal vs Captum vs plain autograd vs inference",
+        description="Measure, in one interleaved run, images/s, peak memory and the largest batch that fits a "
+        "memory budget for inference, plain autograd, Captum and fastsal (eager; on CUDA also torch.compile and "
+        "a CUDA graph). Writes a CSV, prints a table and the ratios, and draws a PNG next to the CSV.",
+    )
+    p.add_argument("--model", nargs="+", default=None, help="torchvision model names (default: resnet50 vgg16)")
+    p.add_argument("--batch-size", nargs="+", type=int, default=None, help="default: 8 on CPU, 64 256 on CUDA")
+    p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default: fp32 on CPU, bf16 fp32 on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--method", nargs="+", default=["gradient", "deconvnet", "guided"])
+    p.add_argument("--engine", nargs="+", default=["inference", "autograd", "captum", "fastsal", "fastsal-compile",
+                                                   "fastsal-graph"])
+    p.add_argument("--size", type=int, default=224, help="image side in pixels")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-budget-gib", type=float, default=None,
+                   help="budget for the largest-batch estimate (default: the card's memory, or 16 on CPU)")
+    p.add_argument("--out", default="bench.csv", metavar="FILE.csv")
+    p.add_argument("--quick", action="store_true", help="small models and images: a CPU run under two minutes")
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from fastsal.bench.plot import plot
+    from fastsal.bench.runner import bench, ratios
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    models = args.model or (QUICK["models"] if args.quick else ["resnet50", "vgg16"])
+    batches = args.batch_size or (QUICK["batch_sizes"] if args.quick else ([64, 256] if cuda else [8]))
+    dtypes = args.dtype or (["bf16", "fp32"] if cuda else ["fp32"])
+    size = QUICK["size"] if args.quick and args.size == 224 else args.size
+    repeats = QUICK["repeats"] if args.quick and args.repeats == 10 else args.repeats
+    warmup = QUICK["warmup"] if args.quick and args.warmup == 2 else args.warmup
+    budget = args.memory_budget_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else 16.0)
+    print(f"fastsal bench on {device}: models {models}, batches {batches}, dtypes {dtypes}, {size}px, "
+          f"{repeats} interleaved repeats", flush=True)
+    rows = bench(models, batches, dtypes, device, args.engine, args.method, size, repeats, warmup, budget,
+                 log=lambda s: print(s, flush=True))
+    _write_csv(args.out, rows)
+    table = ratios(rows)
+    ratio_path = os.path.splitext(args.out)[0] + "_ratios.csv"
+    _write_csv(ratio_path, table)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(rows, png, title=f"fastsal bench - {rows[0]['card'] if rows else ''} - {rows[0]['date'] if rows else ''}")
+    print("\nratios (fastsal / other; throughput > 1 and memory < 1 favour fastsal):")
+    for r in table:
+        print(f"  {r['model']:9s} {r['dtype']:4s} b={r['batch_size']:<4d} {r['engine']:15s} {r['method']:9s} "
+              f"vs inference x{r['vs_inference_throughput']}  vs autograd x{r['vs_autograd_throughput']}  "
+              f"vs captum x{r['vs_captum_throughput']} (memory x{r['vs_captum_peak_mem']}, "
+              f"largest batch x{r['vs_captum_largest_batch']})")
+    print(f"\nwrote {args.out}, {ratio_path} and {png}")
+    return 0
+
+
+def _write_csv(path, rows) -> None:
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_models")
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return run_bench(args)
