@@ -20,8 +20,8 @@ export PYTHONUNBUFFERED=1
 } > "$dest/machine.txt" 2>&1
 cat "$dest/machine.txt"
 
-python -m pip install -q --no-deps --no-build-isolation -e . > "$dest/install.log" 2>&1 || {
-  echo "install failed, see $dest/install.log"; tail -20 "$dest/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation -e . >> "$dest/machine.txt" 2>&1 || {
+  echo "install failed, see $dest/machine.txt"; tail -20 "$dest/machine.txt"; exit 1; }
 
 status=0
 timeout 240 python -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$dest/gpu_tests.log" || status=1

@@ -6,7 +6,10 @@ Gradient (Simonyan et al.), DeconvNet (Zeiler & Fergus) and Guided Backpropagati
 
 from fastsal.rules import Rule, as_rule
 from fastsal import ops
+from fastsal.rewrite import RewriteReport, rewrite
+from fastsal.api import *  # noqa: F401,F403  Captum-compatible classes, saliency, Explainer, visualize_feature, viz
 
 __version__ = "0.1.0"
 
-__all__ = ["Rule", "as_rule", "ops", "__version__"]
+__all__ = ["Rule", "as_rule", "ops", "rewrite", "RewriteReport", "__version__"]
+__all__ += api.__all__  # noqa: F405  (the submodule fastsal.api, bound by the import above)
