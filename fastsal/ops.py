@@ -169,7 +169,8 @@ class _Conv2dInputGradFunction(torch.autograd.Function):
                 shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
                 for i in range(2)
             ]
-            grad_in = F.conv_transpose2d(grad, weight, None, stride, padding, out_pad, groups, dilation)
+            # under autocast the forward ran in half precision while the saved weight is fp32
+            grad_in = F.conv_transpose2d(grad, weight.to(grad.dtype), None, stride, padding, out_pad, groups, dilation)
         return grad_in, None, None, None, None, None, None
 
 
@@ -231,7 +232,8 @@ class _LinearInputGradFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        grad_in = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        # under autocast the forward ran in half precision while the saved weight is fp32
+        grad_in = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
         return grad_in, None, None
 
 

@@ -369,3 +369,16 @@ def test_gpu_compile_inductor_and_cuda_graph():
     new_x.requires_grad_(True)
     _gpu_step(new_x, w).backward(r)
     assert rel_l2(static_x.grad, new_x.grad) <= 1e-5
+
+
+def test_conv_and_linear_under_autocast():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w, wl = torch.randn(4, 3, 3, 3), torch.randn(5, 4 * 8 * 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear(ops.conv2d(x, w, padding=1).flatten(1), wl)
+    y.float().sum().backward()
+    x2 = x.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = F.linear(F.conv2d(x2, w, padding=1).flatten(1), wl)
+    y2.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and rel_l2(x.grad, x2.grad) <= 2e-2

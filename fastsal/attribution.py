@@ -1,0 +1,237 @@
+"""Captum-compatible attribution classes: switch by changing an import.
+
+``fastsal.Saliency``, ``Deconvolution`` and ``GuidedBackprop`` take the same constructor and
+``attribute(inputs, target=None, additional_forward_args=None)`` arguments as Captum's
+classes of those names (``Saliency`` also ``abs=True``), and the Neuron variants
+(``NeuronGradient``, ``NeuronDeconvolution``, ``NeuronGuidedBackprop``) take
+``(model, layer)`` and ``attribute(inputs, neuron_selector, additional_forward_args=None,
+attribute_to_neuron_input=False)``. Results have the structure of ``inputs``: a tensor for
+a tensor, a tuple for a tuple.
+
+Unlike Captum, every ReLU call gets the rule, functional ones too (``F.relu``,
+``torch.relu``, ``Tensor.relu``), and the rule is applied to the gradient that flows
+through the ReLU alone, so a ReLU whose input also feeds a skip connection is right. The
+model is rewritten once (per rule) and the rewritten twin reused across calls; the
+user's model is never modified, not even temporarily (only NeuronGradient on a plain
+forward function hooks the given layer for the call, as Captum does).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Tuple, Union
+
+import torch
+
+from fastsal import _layers
+from fastsal._pass import TwinCache, additional_args, as_tuple, check_inputs, grad_mode, leaf, plain, same_structure
+from fastsal.rules import Rule
+from fastsal.targets import TargetType, select
+
+NeuronSelector = Union[int, Tuple[Union[int, slice], ...], Callable[..., torch.Tensor]]
+
+
+def _unlogged(fn):
+    """Give ``attribute`` the ``__wrapped__`` that Captum's ``NoiseTunnel`` calls (Captum's own
+    ``attribute`` methods get it from their usage-logging decorator), so
+    ``captum.attr.NoiseTunnel(fastsal.Saliency(model))`` gives SmoothGrad/VarGrad."""
+
+    @functools.wraps(fn)
+    def attribute(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    return attribute
+
+
+def _grads(leaves: Tuple[torch.Tensor, ...], seed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Input gradients of a scalar seed; inputs the seed does not depend on get zeros."""
+    if not seed.requires_grad:
+        return tuple(torch.zeros_like(x) for x in leaves)
+    grads = torch.autograd.grad(seed, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+
+
+class _RuleAttribution:
+    """The machinery of every class here: one rule, one twin of the model, one backward per call."""
+
+    rule: Rule = Rule.GRADIENT
+
+    def __init__(self, forward_func: Callable[..., torch.Tensor]) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"expected a model or a forward function, got {type(forward_func).__name__}")
+        if self.rule is not Rule.GRADIENT and not isinstance(forward_func, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} needs a torch.nn.Module (its ReLUs get the {self.rule} rule), "
+                f"got {type(forward_func).__name__}"
+            )
+        self.forward_func = forward_func
+        self._twins = TwinCache(forward_func) if isinstance(forward_func, torch.nn.Module) else None
+
+    @property
+    def multiplies_by_inputs(self) -> bool:  # Captum's flag: these maps are not multiplied by the input
+        return False
+
+    def has_convergence_delta(self) -> bool:  # Captum's API: no convergence delta for these methods
+        return False
+
+    def _function(self) -> Callable[..., torch.Tensor]:
+        """What runs the forward: the model's saliency twin, or a plain function as given."""
+        return self._twins.get(self.rule) if self._twins is not None else self.forward_func
+
+    def _input_grads(self, inputs, target: TargetType, additional_forward_args: Any):
+        xs, was_tuple = as_tuple(inputs)
+        check_inputs(xs)
+        extra = additional_args(additional_forward_args)
+        fn = self._function()
+        with grad_mode():
+            leaves = tuple(leaf(x) for x in xs)
+            out = fn(*leaves, *(plain(a) for a in extra))
+            grads = _grads(leaves, select(out, target).sum())
+        return grads, was_tuple
+
+
+class Saliency(_RuleAttribution):
+    """Input gradients (Simonyan et al. 2013); ``abs=True`` by default, as in Captum.
+
+    ``forward_func`` may be any callable: a module is rewritten for memory, a plain function
+    is differentiated with ordinary autograd (the gradient needs no rule).
+    """
+
+    rule = Rule.GRADIENT
+
+    @_unlogged
+    def attribute(self, inputs, target: TargetType = None, abs: bool = True, additional_forward_args: Any = None):
+        grads, was_tuple = self._input_grads(inputs, target, additional_forward_args)
+        if abs:
+            grads = tuple(g.abs() for g in grads)
+        return same_structure(grads, was_tuple)
+
+
+class Deconvolution(_RuleAttribution):
+    """DeconvNet (Zeiler & Fergus 2014): ReLUs pass only positive gradients back."""
+
+    rule = Rule.DECONVNET
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+
+    @_unlogged
+    def attribute(self, inputs, target: TargetType = None, additional_forward_args: Any = None):
+        grads, was_tuple = self._input_grads(inputs, target, additional_forward_args)
+        return same_structure(grads, was_tuple)
+
+
+class GuidedBackprop(_RuleAttribution):
+    """Guided Backpropagation (Springenberg et al. 2014): positive gradients through active ReLUs."""
+
+    rule = Rule.GUIDED
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+
+    @_unlogged
+    def attribute(self, inputs, target: TargetType = None, additional_forward_args: Any = None):
+        grads, was_tuple = self._input_grads(inputs, target, additional_forward_args)
+        return same_structure(grads, was_tuple)
+
+
+def select_neuron(value, selector: NeuronSelector) -> torch.Tensor:
+    """The selected neuron(s) of a layer tensor, one number per sample (slices are summed), as Captum."""
+    if callable(selector):
+        picked = selector(value)
+        if not isinstance(picked, torch.Tensor):
+            raise TypeError(f"neuron_selector returned {type(picked).__name__}, expected a tensor")
+        return picked
+    if isinstance(value, tuple):
+        if len(value) != 1:
+            raise ValueError(
+                f"the layer gives {len(value)} tensors; an index cannot choose among them: pass a callable neuron_selector"
+            )
+        value = value[0]
+    index = (selector,) if isinstance(selector, (int, slice)) and not isinstance(selector, bool) else selector
+    if not isinstance(index, tuple) or not all(
+        isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool)) for i in index
+    ):
+        raise TypeError(f"neuron_selector must be an int, a tuple of ints and slices, or a callable, got {selector!r}")
+    if len(index) > value.dim() - 1:
+        raise ValueError(
+            f"neuron_selector {selector!r} has {len(index)} indices but the layer tensor {tuple(value.shape)} has "
+            f"{value.dim() - 1} dimensions after the batch"
+        )
+    for dim, i in enumerate(index, start=1):
+        if isinstance(i, int) and not -value.shape[dim] <= i < value.shape[dim]:
+            raise IndexError(
+                f"neuron_selector index {i} is out of range for dimension {dim} of the layer tensor "
+                f"{tuple(value.shape)} (valid: 0..{value.shape[dim] - 1})"
+            )
+    picked = value[(slice(None), *index)]
+    if any(isinstance(i, slice) for i in index):
+        return picked.reshape(picked.shape[0], -1).sum(1)
+    return picked
+
+
+class _NeuronRuleAttribution(_RuleAttribution):
+    """Attribution of one neuron (or a slice or function of neurons) of a layer to the inputs."""
+
+    def __init__(self, model, layer: torch.nn.Module, device_ids=None) -> None:
+        super().__init__(model)
+        if device_ids is not None:
+            raise ValueError(
+                "device_ids (DataParallel) is not supported by fastsal: run one model per device instead"
+            )
+        if not isinstance(layer, torch.nn.Module):
+            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+        self.layer = layer
+        self.device_ids = None
+        self._layer_name = _layers.qualified_name(model, layer) if isinstance(model, torch.nn.Module) else None
+
+    @_unlogged
+    def attribute(
+        self,
+        inputs,
+        neuron_selector: NeuronSelector,
+        additional_forward_args: Any = None,
+        attribute_to_neuron_input: bool = False,
+    ):
+        xs, was_tuple = as_tuple(inputs)
+        check_inputs(xs)
+        extra = additional_args(additional_forward_args)
+        fn = self._function()
+        with grad_mode():
+            leaves = tuple(leaf(x) for x in xs)
+            args = (*leaves, *(plain(a) for a in extra))
+            if self._twins is not None:
+                value = _layers.capture(fn, args, fn, self.forward_func, self._layer_name, attribute_to_neuron_input)
+            else:  # a plain forward function: hook the layer given, as Captum does
+                _, value = _layers.run_to_layer(fn, args, self.layer, to_input=attribute_to_neuron_input)
+            grads = _grads(leaves, select_neuron(value, neuron_selector).sum())
+        return same_structure(grads, was_tuple)
+
+
+class NeuronGradient(_NeuronRuleAttribution):
+    """Gradient of a neuron of ``layer`` with respect to the inputs (any callable forward)."""
+
+    rule = Rule.GRADIENT
+
+
+class NeuronDeconvolution(_NeuronRuleAttribution):
+    """DeconvNet attribution of a neuron of ``layer``."""
+
+    rule = Rule.DECONVNET
+
+
+class NeuronGuidedBackprop(_NeuronRuleAttribution):
+    """Guided-backprop attribution of a neuron of ``layer``."""
+
+    rule = Rule.GUIDED
+
+
+__all__ = [
+    "Saliency",
+    "Deconvolution",
+    "GuidedBackprop",
+    "NeuronGradient",
+    "NeuronDeconvolution",
+    "NeuronGuidedBackprop",
+    "select_neuron",
+]
