@@ -41,8 +41,11 @@ def _add_run(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: in the main process)")
     p.add_argument("--size", type=int, default=None, help="input resolution (default: the model's)")
-    p.add_argument("--box-threshold", type=float, default=0.5,
-                   help="a box covers the largest connected region where the map >= this fraction of its max")
+    p.add_argument("--box-threshold", type=float, default=0.2,
+                   help="a box covers the largest connected region where the smoothed map >= this fraction "
+                   "of its max (default 0.2)")
+    p.add_argument("--box-smooth", type=float, default=0.03,
+                   help="Gaussian blur before thresholding, as a fraction of the map's longer side (0: none)")
     p.add_argument("--save-original-size", action="store_true", help="also store each map resized to its image")
     p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
                    help="JPEG decoding: gpu = torchvision.io.decode_jpeg on CUDA (auto: when running on CUDA)")
@@ -137,7 +140,7 @@ def _run(args) -> int:
     opts = RunOptions(
         src=args.src, out=args.out, model=args.model, weights=args.weights, method=args.method,
         target=args.target, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-        workers=args.workers, size=args.size, box_threshold=args.box_threshold,
+        workers=args.workers, size=args.size, box_threshold=args.box_threshold, box_smooth=args.box_smooth,
         save_original_size=args.save_original_size, overwrite=args.overwrite, decode=args.decode,
         loader_probe=args.loader_probe, progress=not args.quiet,
     )

@@ -287,6 +287,10 @@ def rewrite(
         raise TypeError(
             "fastsal.rewrite cannot see inside a TorchScript module; rewrite the Python model before scripting it"
         )
+    if type(model) in _WITH_MODE_CLASSES:
+        raise ValueError(
+            "this model is already the output of fastsal.rewrite; rewrite the original model to get another rule"
+        )
     rule = as_rule(rule)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got {filter_fn!r}")
@@ -314,9 +318,10 @@ def rewrite(
         )
     twin = _swap(twin, replacements)
 
+    replaced_from = {id(new): old_key for old_key, new in replacements.items()}
+
     def included_of(module: nn.Module) -> bool:
-        original_key = next((k for k, r in replacements.items() if r is module), id(module))
-        return included.get(original_key, True)
+        return included.get(replaced_from.get(id(module), id(module)), True)
 
     for module, inc, is_root in _regions(twin, included_of):
         _install_mode(module, rule if inc else None, report, strict, is_root)

@@ -86,9 +86,9 @@ class _ReferenceMode(TorchFunctionMode):
         if func is F.relu:
             inplace = args[1] if len(args) > 1 else kwargs.get("inplace", False)
             return rule_relu(args[0] if args else kwargs["input"], self.rule, inplace)
-        if func in (torch.relu, torch.Tensor.relu):
+        if func in (torch.relu, torch.Tensor.relu, torch.ops.aten.relu.default):
             return rule_relu(args[0], self.rule)
-        if func in (torch.relu_, torch.Tensor.relu_):
+        if func in (torch.relu_, torch.Tensor.relu_, torch.ops.aten.relu_.default):
             return rule_relu(args[0], self.rule, inplace=True)
         return func(*args, **kwargs)
 
@@ -172,6 +172,7 @@ _RELU_FORMS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "torch.relu_": lambda x: torch.relu_(x),
     "Tensor.relu": lambda x: x.relu(),
     "Tensor.relu_": lambda x: x.relu_(),
+    "aten.relu": lambda x: torch.ops.aten.relu.default(x),
 }
 
 

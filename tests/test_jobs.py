@@ -195,8 +195,31 @@ def test_weak_box():
     m = np.zeros((10, 20), np.float32)
     m[2:5, 3:9] = 1.0  # the larger blob
     m[7, 15] = 0.9  # a smaller one
-    assert weak_box(m, 0.5) == (3, 2, 9, 5)
-    assert weak_box(m, 0.5, image_size=(40, 20)) == (6, 4, 18, 10)
+    assert weak_box(m, 0.5, smooth=0) == (3, 2, 9, 5)
+    assert weak_box(m, 0.5, image_size=(40, 20), smooth=0) == (6, 4, 18, 10)
     assert weak_box(np.zeros((4, 4)), 0.5) is None
+    # smoothing joins a fragmented object (two halves one pixel apart) into one box
+    frag = np.zeros((32, 32), np.float32)
+    frag[10:20, 5:10] = 1.0
+    frag[10:20, 11:16] = 1.0
+    assert weak_box(frag, 0.5, smooth=0) in ((5, 10, 10, 20), (11, 10, 16, 20))
+    x0, y0, x1, y1 = weak_box(frag, 0.2)
+    assert x0 <= 5 and x1 >= 16 and y0 <= 10 and y1 >= 20
     with pytest.raises(ValueError):
         weak_box(m, 0.0)
+
+
+def test_demo_runs_offline(tmp_path):
+    import json
+
+    out = tmp_path / "demo"
+    _fastsal("demo", "--out", str(out), "--images", "6")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 6
+    # the embedded model is right on these easy synthetic images; the maps peak on the object
+    assert summary["accuracy"] >= 5 / 6 and summary["pointing_game"] >= 5 / 6
+    assert summary["mean_box_iou"] > 0.4
+    assert (out / "methods.png").stat().st_size > 1000
+    assert len(list(out.glob("overlay_*.png"))) == 6
+    with Image.open(out / "methods.png") as im:
+        assert im.size[0] > im.size[1] / 3  # four columns: input and the three methods

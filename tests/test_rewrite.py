@@ -74,7 +74,7 @@ def test_shared_input_skip_is_right_where_captum_is_not():
 
 
 @pytest.mark.parametrize("form", ["F.relu", "F.relu_", "F.relu(inplace=True)", "torch.relu", "torch.relu_",
-                                  "Tensor.relu", "Tensor.relu_"])
+                                  "Tensor.relu", "Tensor.relu_", "aten.relu"])
 def test_every_functional_form_is_reported(form):
     torch.manual_seed(0)
     model = FunctionalReLUNet(form).eval()
@@ -264,6 +264,8 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(TypeError, match="TorchScript"):
         fastsal.rewrite(torch.jit.script(model), "guided")
     twin = fastsal.rewrite(model, "guided")
+    with pytest.raises(ValueError, match="already the output of fastsal.rewrite"):
+        fastsal.rewrite(twin, "deconvnet")
     with pytest.raises(RuntimeError) as info:
         twin(torch.randn(1, 5, 24, 24))  # wrong channel count: the original fails too
     assert "fastsal-rewritten Sequential" in "".join(getattr(info.value, "__notes__", []))

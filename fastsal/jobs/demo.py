@@ -72,7 +72,7 @@ def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
         rec = results[key]
         label, true_box = truth[key]
         image = np.asarray(Image.open(os.path.join(image_dir, key)).convert("RGB"))
-        pic = viz.overlay(image, rec.map.astype(np.float32))
+        pic = viz.overlay(image.transpose(2, 0, 1), rec.map.astype(np.float32))  # viz takes (C, H, W)
         _draw_box(pic, true_box, (255, 255, 255))
         _draw_box(pic, rec.box, (0, 255, 0))
         overlays.append(pic)

@@ -43,7 +43,8 @@ class RunOptions:
     device: str = "auto"
     workers: int = 2
     size: Optional[int] = None
-    box_threshold: float = 0.5
+    box_threshold: float = 0.2
+    box_smooth: float = 0.03
     save_original_size: bool = False
     overwrite: bool = False
     decode: str = "auto"  # "cpu", "gpu" (JPEGs with torchvision.io.decode_jpeg on CUDA) or "auto"
@@ -183,6 +184,7 @@ def _config(opts: RunOptions, loaded, pre) -> dict:
         "dtype": opts.dtype,
         "input_size": list(pre.size),
         "box_threshold": opts.box_threshold,
+        "box_smooth": opts.box_smooth,
         "save_original_size": opts.save_original_size,
     }
 
@@ -379,7 +381,7 @@ def _explain_batch(explainer, good, labels, target_spec, items, device, opts, pr
     boxes = np.full((n, 4), -1, dtype=np.int32)
     extra = {}
     for row in range(n):
-        box = weak_box(maps[row], opts.box_threshold, sizes[row])
+        box = weak_box(maps[row], opts.box_threshold, sizes[row], opts.box_smooth)
         if box is not None:
             boxes[row] = box
         if opts.save_original_size:
