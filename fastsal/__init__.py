@@ -9,7 +9,9 @@ from fastsal import ops
 from fastsal.rewrite import RewriteReport, rewrite
 from fastsal.api import *  # noqa: F401,F403  Captum-compatible classes, saliency, Explainer, visualize_feature, viz
 
+from fastsal.jobs.store import Record, Results, load_results
+
 __version__ = "0.1.0"
 
-__all__ = ["Rule", "as_rule", "ops", "rewrite", "RewriteReport", "__version__"]
+__all__ = ["Rule", "as_rule", "ops", "rewrite", "RewriteReport", "load_results", "Results", "Record", "__version__"]
 __all__ += api.__all__  # noqa: F405  (the submodule fastsal.api, bound by the import above)

@@ -115,13 +115,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "demo":
             from fastsal.jobs.demo import demo
 
-            summary = demo(args.out, n_images=args.images, method=args.method)
+            try:
+                summary = demo(args.out, n_images=args.images, method=args.method)
+            except ValueError as exc:
+                print(f"fastsal demo: {exc}", file=sys.stderr)
+                return 2
             print(json.dumps(summary, indent=2))
             return 0
         if args.command == "topk":
             from fastsal.jobs.topk import topk_from_args
 
-            print(topk_from_args(args))
+            try:
+                print(topk_from_args(args))
+            except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+                print(f"fastsal topk: {exc}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "bench":
             from fastsal.bench.cli import run_bench

@@ -223,3 +223,20 @@ def test_demo_runs_offline(tmp_path):
     assert len(list(out.glob("overlay_*.png"))) == 6
     with Image.open(out / "methods.png") as im:
         assert im.size[0] > im.size[1] / 3  # four columns: input and the three methods
+
+
+def test_topk_grid(folder, tmp_path):
+    out = tmp_path / "top.png"
+    proc = _fastsal("topk", folder, "--layer", "features.3", "--channel", "2", "--k", "3", "--out", str(out),
+                    "--model", "job_models:tiny", "--size", "32")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(" ")]
+    values = [float(line.split()[0]) for line in lines]
+    assert len(values) == 3 and values == sorted(values, reverse=True)
+    with Image.open(out) as im:
+        assert im.size[1] > im.size[0]  # three rows of (image, projection)
+    bad = _fastsal("topk", folder, "--layer", "nope", "--channel", "0", "--out", str(out),
+                   "--model", "job_models:tiny", "--size", "32", check=False)
+    assert bad.returncode == 2 and "not a module of the model" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _fastsal("topk", folder, "--layer", "features.3", "--channel", "99", "--out", str(out),
+                   "--model", "job_models:tiny", "--size", "32", check=False)
+    assert bad.returncode == 2 and "out of range" in bad.stderr
