@@ -292,6 +292,11 @@ def rewrite(
             "this model is already the output of fastsal.rewrite; rewrite the original model to get another rule"
         )
     rule = as_rule(rule)
+    if torch.is_inference_mode_enabled():
+        # folded weights and cloned BatchNorm buffers made here would be inference tensors,
+        # which autograd refuses to save; the twin must be built with autograd alive
+        with torch.inference_mode(False):
+            return rewrite(model, rule, filter_fn=filter_fn, strict=strict)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got {filter_fn!r}")
 

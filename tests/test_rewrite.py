@@ -347,3 +347,14 @@ def test_torch_compile_fullgraph():
         compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
         err = rel_l2(input_grad(compiled, x), expected[rule])
         assert err <= TOL, f"{rule}: {err:.2e}"
+
+
+def test_rewrite_under_inference_mode_gives_a_usable_twin():
+    import torchvision
+
+    model = torchvision.models.resnet18().eval()
+    with torch.inference_mode():
+        twin = fastsal.rewrite(model, "guided")
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    twin(x)[:, 0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
