@@ -18,15 +18,20 @@ from fastsal._kernels import triton_available
 from fastsal.backend import kernels_for
 
 
-def _define(name: str):
+def _define(name: str, mutates_args=()):
     if triton_available() and hasattr(torch.library, "triton_op"):
-        return torch.library.triton_op(f"fastsal::{name}", mutates_args=())
-    return torch.library.custom_op(f"fastsal::{name}", mutates_args=())
+        return torch.library.triton_op(f"fastsal::{name}", mutates_args=mutates_args)
+    return torch.library.custom_op(f"fastsal::{name}", mutates_args=mutates_args)
 
 
 @_define("relu_forward")
 def relu_forward(x: Tensor, store_mask: bool) -> Tuple[Tensor, Tensor]:
     return kernels_for(x).relu_forward(x, store_mask)
+
+
+@_define("relu_forward_", mutates_args=("x",))
+def relu_forward_(x: Tensor, store_mask: bool) -> Tensor:
+    return kernels_for(x).relu_forward_(x, store_mask)
 
 
 @_define("relu_backward")
@@ -74,6 +79,7 @@ if not (triton_available() and hasattr(torch.library, "triton_op")):
 
     for _op, _fn in (
         (relu_forward, _ref.relu_forward),
+        (relu_forward_, lambda x, store_mask: _ref.pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)),
         (relu_backward, _ref.relu_backward),
         (max_pool2d_forward, _ref.max_pool2d_forward),
         (max_pool2d_backward, _ref.max_pool2d_backward),

@@ -36,6 +36,7 @@ class _TritonKernels:
 
             ns = ModuleType("fastsal._kernels.triton")
             ns.relu_forward = relu.relu_forward
+            ns.relu_forward_ = relu.relu_forward_
             ns.relu_backward = relu.relu_backward
             ns.max_pool2d_forward = maxpool.max_pool2d_forward
             ns.max_pool2d_backward = maxpool.max_pool2d_backward

@@ -46,12 +46,17 @@ class _ReLUFunction(torch.autograd.Function):
     def forward(ctx, x, rule_code: int, inplace: bool):
         fmt = _layout(x)
         store = rule_code != Rule.DECONVNET.code and ctx.needs_input_grad[0]
-        y, bits = torch.ops.fastsal.relu_forward(_dense(x, fmt), store)
         ctx.rule_code = rule_code
         ctx.fmt = fmt
+        dense = x.is_contiguous(memory_format=fmt)
+        if inplace and dense:
+            bits = torch.ops.fastsal.relu_forward_(x, store)
+        else:
+            y, bits = torch.ops.fastsal.relu_forward(x if dense else _dense(x, fmt), store)
         ctx.save_for_backward(bits)
         if inplace:
-            x.copy_(y)
+            if not dense:  # a strided view: computed out of place, written back through the view
+                x.copy_(y)
             ctx.mark_dirty(x)
             return x
         return y

@@ -6,8 +6,10 @@ With f the ReLU's forward input and R the gradient arriving from above:
 * ``deconvnet`` (Zeiler & Fergus 2014):         R * [R > 0]       (f is not needed)
 * ``guided``    (Springenberg et al. 2014):     R * [f > 0] * [R > 0]
 
-The zeroing is written as a select, not a product, so a NaN in R is dropped where the
-rule drops the position, exactly as autograd's ``threshold_backward`` does.
+Computed as selects and torch's relu (``where(f > 0, R, 0)``, ``relu(R)``,
+``relu(where(f > 0, R, 0))``), not products: a NaN in R is dropped where the mask drops the
+position, as autograd's ``threshold_backward`` does, and kept by the relu, as Captum's
+``F.relu`` hooks do.
 """
 
 from __future__ import annotations
@@ -68,13 +70,11 @@ def as_rule(rule: RuleLike) -> Rule:
 
 
 def apply_rule(grad: torch.Tensor, positive: torch.Tensor | None, rule: RuleLike) -> torch.Tensor:
-    """The rule written once in plain torch. ``positive`` is ``f > 0`` (ignored by DeconvNet)."""
+    """The rule in plain torch (the formulas live once, in the kernels' reference).
+    ``positive`` is ``f > 0`` (ignored by DeconvNet)."""
+    from fastsal._kernels.reference import apply_rule_code
+
     rule = as_rule(rule)
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    if rule is Rule.DECONVNET:
-        return torch.where(grad > 0, grad, zero)
-    if positive is None:
+    if rule is not Rule.DECONVNET and positive is None:
         raise ValueError(f"rule {rule} needs the forward mask, but none was saved")
-    if rule is Rule.GRADIENT:
-        return torch.where(positive, grad, zero)
-    return torch.where(positive & (grad > 0), grad, zero)
+    return apply_rule_code(grad, positive, rule.code)

@@ -148,12 +148,10 @@ def _unpool_backward_kernel(
                 positive = positive | (((packed >> (s_off & 7).to(tl.int32)) & 1) & hit.to(tl.int32))
     # the fused ReLU's rule acts on the summed gradient, as it does after a separate unpool;
     # every window that points here saw the same ReLU input, so one sign serves them all
-    if RULE == 0:
+    if RULE == 0 or RULE == 2:
         acc = tl.where(positive != 0, acc, 0.0)
-    elif RULE == 1:
-        acc = tl.where(acc > 0, acc, 0.0)
-    elif RULE == 2:
-        acc = tl.where((positive != 0) & (acc > 0), acc, 0.0)
+    if RULE == 1 or RULE == 2:
+        acc = tl.where(acc < 0, 0.0, acc)
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -55,6 +55,11 @@ def unpack_bits(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         flat = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little")).view(torch.bool)
     else:
         flat = ((bits.view(-1, 1) >> _lanes(bits.device)) & 1).view(-1)[:n].bool()
+    if like.is_contiguous():
+        return flat.view(like.shape)
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        # flat is in memory order, so like's own strides index it without a copy
+        return flat.as_strided(like.shape, like.stride())
     out = torch.empty_like(like, dtype=torch.bool)
     memory_order(out).copy_(flat)
     return out
@@ -70,17 +75,31 @@ def relu_forward(x: torch.Tensor, store_mask: bool):
     return y, bits
 
 
+def relu_forward_(x: torch.Tensor, store_mask: bool) -> torch.Tensor:
+    """In place: ``x`` becomes ``relu(x)``; returns the bits of ``x > 0`` (empty when not stored)."""
+    bits = pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)
+    torch.relu_(x)
+    return bits
+
+
 def apply_rule_code(grad: torch.Tensor, positive: Optional[torch.Tensor], rule: int) -> torch.Tensor:
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    """The three rules, written once (the kernels compute exactly this).
+
+    gradient ``where(f > 0, R, 0)``; deconvnet ``relu(R)``; guided ``relu(where(f > 0, R, 0))``.
+    ``relu`` is torch's: a NaN in R passes where the position is kept, as in Captum's hooks.
+    """
     if rule == DECONVNET:
-        keep = grad > 0
-    elif rule == GRADIENT:
-        keep = positive
-    elif rule == GUIDED:
-        keep = positive & (grad > 0)
-    else:
-        raise ValueError(f"unknown rule code {rule}")
-    return torch.where(keep, grad, zero)
+        return torch.relu(grad)
+    if positive is None:
+        raise ValueError("this rule needs the forward mask, but none was saved")
+    # threshold_backward(grad, mask, 0) = where(mask > 0, grad, 0); with a uint8 view of the
+    # mask it is one vectorized pass, several times faster than torch.where on a CPU
+    kept = torch.ops.aten.threshold_backward(grad, positive.view(torch.uint8), 0)
+    if rule == GRADIENT:
+        return kept
+    if rule == GUIDED:
+        return kept.relu_()
+    raise ValueError(f"unknown rule code {rule}")
 
 
 def relu_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int) -> torch.Tensor:
@@ -177,11 +196,10 @@ def max_pool2d_backward(
             values, shape_of_input, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode, index
         )
 
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     if rule in (GRADIENT, GUIDED):
         # every window pointing at a position shares its sign, so the mask can go first
-        grad = torch.where(unpack_bits(bits, switches), grad, zero)
+        grad = torch.ops.aten.threshold_backward(grad, unpack_bits(bits, switches).view(torch.uint8), 0)
     out = unpool(grad)
     if rule in (DECONVNET, GUIDED):
-        out = torch.where(out > 0, out, zero)
+        out = out.relu_()
     return out.contiguous(memory_format=fmt)

@@ -63,14 +63,15 @@ def _relu_backward_kernel(
     offsets = byte_offsets[:, None] * 8 + lanes[None, :]
     mask = offsets < n_elements
     r = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
-    if RULE == 1:
-        keep = r > 0
-    else:
+    zero = tl.zeros_like(r)
+    if RULE != 1:
         packed = tl.load(bits_ptr + byte_offsets, mask=byte_offsets * 8 < n_elements, other=0)
-        keep = ((packed.to(tl.int32)[:, None] >> lanes[None, :]) & 1) != 0
-        if RULE == 2:
-            keep = keep & (r > 0)
-    tl.store(out_ptr + offsets, tl.where(keep, r, tl.zeros_like(r)), mask=mask)
+        positive = ((packed.to(tl.int32)[:, None] >> lanes[None, :]) & 1) != 0
+        r = tl.where(positive, r, zero)
+    if RULE != 0:
+        # torch's relu: negatives become 0, NaN passes
+        r = tl.where(r < 0, zero, r)
+    tl.store(out_ptr + offsets, r, mask=mask)
 
 
 def _grid(n_elements: int):
@@ -89,6 +90,22 @@ def relu_forward(x: torch.Tensor, store_mask: bool):
         x, y, bits if store_mask else y, n, STORE_MASK=store_mask, INT64=needs_int64(x), BLOCK_BYTES=BLOCK_BYTES
     )
     return y, bits
+
+
+def relu_forward_(x: torch.Tensor, store_mask: bool) -> torch.Tensor:
+    """In place: ``x`` (dense) becomes ``relu(x)``; returns the bits of ``x > 0``.
+
+    The same kernel with ``y_ptr = x_ptr``: every element is read before it is written, by
+    the same program, so nothing is read after being overwritten.
+    """
+    n = x.numel()
+    bits = torch.empty((n + 7) // 8 if store_mask else 0, dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return bits
+    launchable(_relu_forward_kernel)[_grid(n)](
+        x, x, bits if store_mask else x, n, STORE_MASK=store_mask, INT64=needs_int64(x), BLOCK_BYTES=BLOCK_BYTES
+    )
+    return bits
 
 
 def relu_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int) -> torch.Tensor:

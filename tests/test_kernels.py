@@ -232,3 +232,13 @@ def test_gpu_int64_path_on_a_real_large_tensor():
     assert torch.equal(bits[-512:], reference.pack_bits(x[tail] > 0)[-512:])
     del y, bits, x
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_forward_in_place_matches_reference(dtype):
+    x = _relu_input((2, 3, 17, 19), dtype).contiguous(memory_format=torch.channels_last)
+    expected_y, expected_bits = reference.relu_forward(x, True)
+    inplace = x.clone()
+    bits = triton_relu.relu_forward_(inplace, True)
+    assert_same_bits(inplace, expected_y)
+    assert torch.equal(bits, expected_bits) and inplace.stride() == x.stride()

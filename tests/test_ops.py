@@ -78,13 +78,21 @@ def test_relu_half_dtypes(backend, dtype):
     assert out.dtype == dtype and torch.equal(out, out_ref) and torch.equal(g, g_ref)
 
 
-def test_relu_inplace_modifies_and_tracks(backend):
-    a = _seed((4, 9), seed=1).requires_grad_(True)
-    b = a * 1.0
-    out = ops.relu(b, "gradient", inplace=True)
-    assert out is b and torch.equal(b, torch.relu(a.detach()))
-    out.sum().backward()
-    assert torch.equal(a.grad, (a.detach() > 0).float())
+@pytest.mark.parametrize("rule", RULES)
+def test_relu_inplace_modifies_and_tracks(backend, rule):
+    a = _seed((2, 3, 5, 4), seed=1)
+    r = _seed(a.shape, seed=2)
+    _, g_ref = _grad_of(lambda t: _RuleReLU.apply(t, rule), a, r)
+    for name, al in layouts(a):
+        al = al.detach().requires_grad_(True)
+        b = al * 1.0
+        if name == "non_contiguous":
+            b = torch.repeat_interleave(b, 2, dim=1)[:, ::2]  # a strided view, as a user's slice
+        out = ops.relu(b, rule, inplace=True)
+        assert out is b and torch.equal(b, torch.relu(al.detach())), name
+        out.backward(r)
+        assert torch.equal(al.grad, g_ref), name
+    torch.library.opcheck(torch.ops.fastsal.relu_forward_.default, (torch.randn(3, 5), True))
 
 
 def test_relu_empty(backend):
