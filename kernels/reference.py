@@ -65,20 +65,46 @@ def unpack_bits(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# On a plain CPU tensor the elementwise passes run over slices of this many elements (a
+# multiple of 8, so mask bytes never straddle two slices): each temporary (the boolean mask,
+# the uint8 -> float cast inside threshold_backward) then stays a few MB instead of the
+# size of the whole activation, which on VGG at batch 16 is 200 MB apiece.
+CHUNK = 1 << 22
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(start + CHUNK, n)
+
+
 def relu_forward(x: torch.Tensor, store_mask: bool):
     """``(relu(x), bits of x > 0)``; the bits are an empty uint8 tensor when not stored."""
-    y = torch.relu(x)
-    if store_mask:
-        bits = pack_bits(x > 0)
-    else:
-        bits = x.new_empty(0, dtype=torch.uint8)
+    if not (_plain_cpu(x) and x.numel() > CHUNK):
+        bits = pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        return torch.relu(x), bits
+    y = torch.empty_like(x)
+    bits = relu_forward_into(x, y, store_mask)
     return y, bits
 
 
 def relu_forward_(x: torch.Tensor, store_mask: bool) -> torch.Tensor:
     """In place: ``x`` becomes ``relu(x)``; returns the bits of ``x > 0`` (empty when not stored)."""
-    bits = pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)
-    torch.relu_(x)
+    if not (_plain_cpu(x) and x.numel() > CHUNK):
+        bits = pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        torch.relu_(x)
+        return bits
+    return relu_forward_into(x, x, store_mask)
+
+
+def relu_forward_into(x: torch.Tensor, y: torch.Tensor, store_mask: bool) -> torch.Tensor:
+    """relu(x) written to ``y`` (may be ``x``), slice by slice; returns the packed mask."""
+    xf, yf = memory_order(x), memory_order(y)
+    n = xf.numel()
+    bits = torch.empty((n + 7) // 8 if store_mask else 0, dtype=torch.uint8)
+    for a, b in _chunks(n):
+        if store_mask:
+            bits[a // 8:(b + 7) // 8] = torch.from_numpy(np.packbits((xf[a:b] > 0).numpy(), bitorder="little"))
+        torch.clamp_min(xf[a:b], 0, out=yf[a:b])
     return bits
 
 
@@ -104,8 +130,20 @@ def apply_rule_code(grad: torch.Tensor, positive: Optional[torch.Tensor], rule: 
 
 def relu_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int) -> torch.Tensor:
     """The rule applied to ``grad``; ``grad`` has the forward input's shape and strides."""
-    positive = None if rule == DECONVNET else unpack_bits(bits, grad)
-    return apply_rule_code(grad, positive, rule)
+    if not (_plain_cpu(grad) and grad.numel() > CHUNK):
+        positive = None if rule == DECONVNET else unpack_bits(bits, grad)
+        return apply_rule_code(grad, positive, rule)
+    out = torch.empty_like(grad)
+    gf, of = memory_order(grad), memory_order(out)
+    for a, b in _chunks(gf.numel()):
+        if rule == DECONVNET:
+            torch.clamp_min(gf[a:b], 0, out=of[a:b])
+            continue
+        positive = torch.from_numpy(np.unpackbits(bits[a // 8:(b + 7) // 8].numpy(), count=b - a, bitorder="little"))
+        torch.ops.aten.threshold_backward.grad_input(gf[a:b], positive, 0, grad_input=of[a:b])
+        if rule == GUIDED:
+            of[a:b].relu_()
+    return out
 
 
 def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -116,6 +154,13 @@ def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool)
     if ceil_mode and (out - 1) * s >= size + p:
         out -= 1
     return max(out, 0)
+
+
+def _batch_step(t: torch.Tensor) -> int:
+    """How many images of ``t`` one slice holds (everything unless it is a large CPU tensor)."""
+    if not _plain_cpu(t) or t.numel() <= CHUNK or t.shape[0] <= 1:
+        return max(t.shape[0], 1)
+    return max(1, CHUNK // max(1, t[0].numel()))
 
 
 def _window_origin(n_out: int, s: int, p: int, device) -> torch.Tensor:
@@ -139,15 +184,25 @@ def max_pool2d_forward(
     position, exactly as ``max_pool2d(relu(x))``).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    src = torch.relu(x) if apply_relu else x
-    pooled, index = F.max_pool2d(src, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, return_indices=True)
     width = x.shape[-1]
-    oh, ow = pooled.shape[-2:]
-    # int32 is plenty inside one plane (index < H * W) and twice as fast as int64
-    index32 = index.to(torch.int32)
-    rows = index32 // width - _window_origin(oh, sh, ph, x.device).view(-1, 1).to(torch.int32)
-    cols = index32 % width - _window_origin(ow, sw, pw, x.device).view(1, -1).to(torch.int32)
-    switches = ((rows // dh) * kw + (cols // dw)).to(torch.int8)
+
+    def pool(part: torch.Tensor):
+        src = torch.relu(part) if apply_relu else part
+        pooled, index = F.max_pool2d(src, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, return_indices=True)
+        oh, ow = pooled.shape[-2:]
+        # int32 is plenty inside one plane (index < H * W) and twice as fast as int64
+        index32 = index.to(torch.int32)
+        rows = index32 // width - _window_origin(oh, sh, ph, x.device).view(-1, 1).to(torch.int32)
+        cols = index32 % width - _window_origin(ow, sw, pw, x.device).view(1, -1).to(torch.int32)
+        return pooled, ((rows // dh) * kw + (cols // dw)).to(torch.int8)
+
+    step = _batch_step(x)
+    if step >= x.shape[0]:
+        pooled, switches = pool(x)
+    else:  # a few images at a time: the int64 indices and relu(x) stay small
+        parts = [pool(x[i:i + step]) for i in range(0, x.shape[0], step)]
+        pooled = torch.cat([p for p, _ in parts])
+        switches = torch.cat([s for _, s in parts])
     if store_mask:
         bits = pack_bits(pooled > 0)
     else:
@@ -177,29 +232,26 @@ def max_pool2d_backward(
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     n, c, h, w = input_shape
     oh, ow = switches.shape[-2:]
-    sw_long = switches.long()
-    rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (sw_long // kw) * dh
-    cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (sw_long % kw) * dw
-    index = rows * w + cols
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    # aten's max-pool backward reads only the shape and layout of its `self` argument
-    shape_of_input = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
-
     # aten re-derives the output size, so it needs to know whether ceil_mode made it
     ceil_mode = (oh, ow) != (
         pool_output_size(h, kh, sh, ph, dh, False),
         pool_output_size(w, kw, sw, pw, dw, False),
     )
-
-    def unpool(values: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            values, shape_of_input, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode, index
-        )
-
     if rule in (GRADIENT, GUIDED):
         # every window pointing at a position shares its sign, so the mask can go first
         grad = torch.ops.aten.threshold_backward(grad, unpack_bits(bits, switches).view(torch.uint8), 0)
-    out = unpool(grad)
+    out = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+    step = _batch_step(out)
+    for i in range(0, max(n, 1), step):
+        part = switches[i:i + step].long()
+        rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (part // kw) * dh
+        cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (part % kw) * dw
+        # aten's max-pool backward reads only the shape and layout of its `self` argument
+        torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+            grad[i:i + step], out[i:i + step], [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode,
+            rows * w + cols, grad_input=out[i:i + step],
+        )
     if rule in (DECONVNET, GUIDED):
         out = out.relu_()
-    return out.contiguous(memory_format=fmt)
+    return out
