@@ -41,7 +41,7 @@ import torch
 from fastsal._pass import TwinCache, check_dtype, check_inputs, grad_mode, leaf, run
 from fastsal.reductions import Reduction, apply_reduction, get_reduction
 from fastsal.rules import RuleLike, as_rule
-from fastsal.targets import TargetType, classes_for, predicted
+from fastsal.targets import TargetType, classes_for, predicted, slice_target
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ class Explainer:
         parts = []
         for start in range(0, n, step):
             stop = min(start + step, n)
-            parts.append(self._explain_chunk(inputs[start:stop], _slice_target(target, start, stop, n), stop - start))
+            parts.append(self._explain_chunk(inputs[start:stop], slice_target(target, start, stop, n), stop - start))
         return Explanation(
             torch.cat([p.logits for p in parts]), torch.cat([p.targets for p in parts]), torch.cat([p.maps for p in parts])
         )
@@ -261,19 +261,6 @@ class Explainer:
                 self._graphs.move_to_end(key)
             classes = None if target is None else classes_for(target, n, graph.num_classes, x.device)
             return graph(x, classes)
-
-
-def _slice_target(target, start: int, stop: int, n: int):
-    if isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() == n and n > 1:
-        return target[start:stop]
-    if isinstance(target, list):
-        if len(target) != n:
-            raise ValueError(
-                f"target has {len(target)} entries but the batch has {n} samples; give one target per sample, "
-                "one int for all of them, or None"
-            )
-        return target[start:stop]
-    return target
 
 
 __all__ = ["Explainer", "Explanation"]

@@ -15,21 +15,7 @@ import torch
 from fastsal._pass import check_dtype, check_inputs, grad_mode, leaf, run, twin_for
 from fastsal.reductions import Reduction, apply_reduction, get_reduction
 from fastsal.rules import RuleLike, as_rule
-from fastsal.targets import TargetType, resolve, select
-
-
-def _chunk_target(target, start: int, stop: int, n: int):
-    """The part of a per-sample target that belongs to samples ``start:stop``."""
-    if isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() == n and n > 1:
-        return target[start:stop]
-    if isinstance(target, list):
-        if len(target) != n:
-            raise ValueError(
-                f"target has {len(target)} entries but the batch has {n} samples; give one target per sample, "
-                "one int for all of them, or None"
-            )
-        return target[start:stop]
-    return target
+from fastsal.targets import TargetType, resolve, select, slice_target
 
 
 def _use_channels_last(x: torch.Tensor, dtype: Optional[torch.dtype], channels_last: Optional[bool]) -> bool:
@@ -110,7 +96,7 @@ def saliency(
     maps = []
     for start in range(0, n, step):
         stop = min(start + step, n)
-        _, _, grad = one_pass(twin, inputs[start:stop], _chunk_target(target, start, stop, n), dtype, cl)
+        _, _, grad = one_pass(twin, inputs[start:stop], slice_target(target, start, stop, n), dtype, cl)
         maps.append(apply_reduction(grad, reduce))
     return torch.cat(maps)
 

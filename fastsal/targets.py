@@ -184,4 +184,20 @@ def resolve(output: torch.Tensor, target: TargetType) -> Tuple[torch.Tensor, tor
     return classes, output.gather(1, classes[:, None]).squeeze(1)
 
 
-__all__ = ["TargetType", "select", "predicted", "classes_for", "resolve"]
+
+
+def slice_target(target, start: int, stop: int, n: int):
+    """The part of a per-sample target that belongs to samples ``start:stop`` of a batch of ``n``."""
+    if isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() == n and n > 1:
+        return target[start:stop]
+    if isinstance(target, list):
+        if len(target) != n:
+            raise ValueError(
+                f"target has {len(target)} entries but the batch has {n} samples; give one target per sample, "
+                "one int for all of them, or None"
+            )
+        return target[start:stop]
+    return target
+
+
+__all__ = ["TargetType", "select", "predicted", "classes_for", "resolve", "slice_target"]
