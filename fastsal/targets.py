@@ -184,8 +184,6 @@ def resolve(output: torch.Tensor, target: TargetType) -> Tuple[torch.Tensor, tor
     return classes, output.gather(1, classes[:, None]).squeeze(1)
 
 
-
-
 def slice_target(target, start: int, stop: int, n: int):
     """The part of a per-sample target that belongs to samples ``start:stop`` of a batch of ``n``."""
     if isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() == n and n > 1:

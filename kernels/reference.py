@@ -163,6 +163,31 @@ def _batch_step(t: torch.Tensor) -> int:
     return max(1, CHUNK // max(1, t[0].numel()))
 
 
+def _format_of(t: torch.Tensor):
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _switch_tables(oh, ow, width, kernel_size, stride, padding, dilation, device):
+    """Lookup tables between a switch and torch's flat in-plane index, or None.
+
+    ``corner[oh, ow]`` is the flat index of a window's top-left corner (padding included);
+    the argmax sits at ``corner + (kh * dil_h) * width + kw * dil_w``. That offset names the
+    switch unambiguously while a window row fits in the image row (``(kw-1) * dil_w < width``);
+    otherwise the callers fall back to division.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    if (kw - 1) * dw >= width:
+        return None
+    corner = _window_origin(oh, sh, ph, device).view(-1, 1) * width + _window_origin(ow, sw, pw, device).view(1, -1)
+    offsets = [(a * dh) * width + b * dw for a in range(kh) for b in range(kw)]
+    switch_of_offset = torch.zeros(offsets[-1] + 1, dtype=torch.int8, device=device)
+    switch_of_offset[torch.tensor(offsets, device=device)] = torch.arange(kh * kw, dtype=torch.int8, device=device)
+    offset_of_switch = torch.tensor(offsets, dtype=torch.int64, device=device)
+    return corner, switch_of_offset, offset_of_switch
+
+
 def _window_origin(n_out: int, s: int, p: int, device) -> torch.Tensor:
     return torch.arange(n_out, device=device) * s - p
 
@@ -190,6 +215,13 @@ def max_pool2d_forward(
         src = torch.relu(part) if apply_relu else part
         pooled, index = F.max_pool2d(src, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, return_indices=True)
         oh, ow = pooled.shape[-2:]
+        tables = _switch_tables(oh, ow, width, kernel_size, stride, padding, dilation, x.device)
+        if tables is not None:
+            # offset from the window's corner, then a lookup: two passes instead of eight
+            corner, switch_of_offset, _ = tables
+            # take() returns a contiguous tensor: give the switches the pooled output's layout
+            switches = torch.take(switch_of_offset, index - corner)
+            return pooled, switches.contiguous(memory_format=_format_of(pooled))
         # int32 is plenty inside one plane (index < H * W) and twice as fast as int64
         index32 = index.to(torch.int32)
         rows = index32 // width - _window_origin(oh, sh, ph, x.device).view(-1, 1).to(torch.int32)
@@ -243,14 +275,21 @@ def max_pool2d_backward(
         grad = torch.ops.aten.threshold_backward(grad, unpack_bits(bits, switches).view(torch.uint8), 0)
     out = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
     step = _batch_step(out)
+    tables = _switch_tables(oh, ow, w, kernel_size, stride, padding, dilation, grad.device)
     for i in range(0, max(n, 1), step):
         part = switches[i:i + step].long()
-        rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (part // kw) * dh
-        cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (part % kw) * dw
+        if tables is not None:
+            corner, _, offset_of_switch = tables
+            # aten walks the indices in grad's layout, and take() returns a contiguous tensor
+            index = (corner + torch.take(offset_of_switch, part)).contiguous(memory_format=_format_of(grad))
+        else:
+            rows = _window_origin(oh, sh, ph, grad.device).view(-1, 1) + (part // kw) * dh
+            cols = _window_origin(ow, sw, pw, grad.device).view(1, -1) + (part % kw) * dw
+            index = rows * w + cols
         # aten's max-pool backward reads only the shape and layout of its `self` argument
         torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
             grad[i:i + step], out[i:i + step], [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode,
-            rows * w + cols, grad_input=out[i:i + step],
+            index, grad_input=out[i:i + step],
         )
     if rule in (DECONVNET, GUIDED):
         out = out.relu_()
