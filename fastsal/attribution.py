@@ -107,32 +107,28 @@ class Saliency(_RuleAttribution):
         return same_structure(grads, was_tuple)
 
 
-class Deconvolution(_RuleAttribution):
+class _ModelRuleAttribution(_RuleAttribution):
+    """Deconvolution and GuidedBackprop: Captum's ``attribute`` without Saliency's ``abs``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+
+    @_unlogged
+    def attribute(self, inputs, target: TargetType = None, additional_forward_args: Any = None):
+        grads, was_tuple = self._input_grads(inputs, target, additional_forward_args)
+        return same_structure(grads, was_tuple)
+
+
+class Deconvolution(_ModelRuleAttribution):
     """DeconvNet (Zeiler & Fergus 2014): ReLUs pass only positive gradients back."""
 
     rule = Rule.DECONVNET
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
 
-    @_unlogged
-    def attribute(self, inputs, target: TargetType = None, additional_forward_args: Any = None):
-        grads, was_tuple = self._input_grads(inputs, target, additional_forward_args)
-        return same_structure(grads, was_tuple)
-
-
-class GuidedBackprop(_RuleAttribution):
+class GuidedBackprop(_ModelRuleAttribution):
     """Guided Backpropagation (Springenberg et al. 2014): positive gradients through active ReLUs."""
 
     rule = Rule.GUIDED
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
-
-    @_unlogged
-    def attribute(self, inputs, target: TargetType = None, additional_forward_args: Any = None):
-        grads, was_tuple = self._input_grads(inputs, target, additional_forward_args)
-        return same_structure(grads, was_tuple)
 
 
 def select_neuron(value, selector: NeuronSelector) -> torch.Tensor:
