@@ -84,9 +84,11 @@ class Dist:
     def gather_sum(self, values: List[float]) -> List[float]:
         if not self.active:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        # NCCL reduces only CUDA tensors; gloo only CPU ones
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
 
 
 def _init_dist(device_kind: str) -> Dist:
