@@ -63,7 +63,6 @@ def bench(device: str, relu_numel: int, pool_shape, dtypes, repeats: int):
             row(f"relu_backward_{name}", impl, dtype, nbytes, t, copy_fraction=round(copy["ms"] / t["ms"], 3))
         t = time_it(lambda: torch.ops.aten.threshold_backward(grad, y, 0), repeats=repeats)
         row("threshold_backward", "torch", dtype, 3 * n * es, t, copy_fraction=round(copy["ms"] / t["ms"], 3))
-        del x, y, bits, grad
 
         # VGG-sized relu -> 2x2 max-pool
         xp = torch.randn(pool_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -98,9 +97,6 @@ def bench(device: str, relu_numel: int, pool_shape, dtypes, repeats: int):
         row("max_pool2d_with_indices_backward+threshold_backward", "torch", dtype,
             m * es + m * 8 + 2 * n_in * es + 2 * n_in * es, t_pair,
             fused_speedup=round(t_pair["ms"] / t_fused["ms"], 3))
-        del xp, pooled, sw, pbits, g_out, relu_out, indices
-        if device == "cuda":
-            torch.cuda.empty_cache()
     return rows
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastsal._kernels import _launch, reference, triton_available
-from helpers import first_mismatches, rel_l2
+from helpers import first_mismatches
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import torch
 
 from fastsal.bench.engines import build_engines
-from fastsal.bench.measure import peak_memory, release_freed_memory_eagerly, run_once, summarize
+from fastsal.bench.measure import peak_memory, run_once, summarize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -8,13 +8,12 @@ same images whichever run or rank does it.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import numpy as np

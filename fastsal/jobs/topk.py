@@ -7,7 +7,6 @@ from __future__ import annotations
 import heapq
 from typing import List, Tuple
 
-import numpy as np
 import torch
 
 
