@@ -78,16 +78,20 @@ class _RuleAttribution:
         """What runs the forward: the model's saliency twin, or a plain function as given."""
         return self._twins.get(self.rule) if self._twins is not None else self.forward_func
 
-    def _input_grads(self, inputs, target: TargetType, additional_forward_args: Any):
+    def _grads_of(self, inputs, additional_forward_args: Any, seed_of: Callable):
+        """Input gradients of ``seed_of(fn, leaves, args)``, a scalar computed by running ``fn``."""
         xs, was_tuple = as_tuple(inputs)
         check_inputs(xs)
         extra = additional_args(additional_forward_args)
         fn = self._function()
         with grad_mode():
             leaves = tuple(leaf(x) for x in xs)
-            out = fn(*leaves, *(plain(a) for a in extra))
-            grads = _grads(leaves, select(out, target).sum())
+            args = (*leaves, *(plain(a) for a in extra))
+            grads = _grads(leaves, seed_of(fn, leaves, args))
         return grads, was_tuple
+
+    def _input_grads(self, inputs, target: TargetType, additional_forward_args: Any):
+        return self._grads_of(inputs, additional_forward_args, lambda fn, leaves, args: select(fn(*args), target).sum())
 
 
 class Saliency(_RuleAttribution):
@@ -189,18 +193,14 @@ class _NeuronRuleAttribution(_RuleAttribution):
         additional_forward_args: Any = None,
         attribute_to_neuron_input: bool = False,
     ):
-        xs, was_tuple = as_tuple(inputs)
-        check_inputs(xs)
-        extra = additional_args(additional_forward_args)
-        fn = self._function()
-        with grad_mode():
-            leaves = tuple(leaf(x) for x in xs)
-            args = (*leaves, *(plain(a) for a in extra))
+        def seed_of(fn, leaves, args):
             if self._twins is not None:
                 value = _layers.capture(fn, args, fn, self.forward_func, self._layer_name, attribute_to_neuron_input)
             else:  # a plain forward function: hook the layer given, as Captum does
                 _, value = _layers.run_to_layer(fn, args, self.layer, to_input=attribute_to_neuron_input)
-            grads = _grads(leaves, select_neuron(value, neuron_selector).sum())
+            return select_neuron(value, neuron_selector).sum()
+
+        grads, was_tuple = self._grads_of(inputs, additional_forward_args, seed_of)
         return same_structure(grads, was_tuple)
 
 

@@ -54,6 +54,17 @@ def build_engines(model: torch.nn.Module, device: torch.device, dtype: Optional[
                 return torch.autograd.grad(score, xi)[0]
             return step
         out.append(Engine("autograd", "gradient", autograd))
+    def attribution_step(cls):
+        """A step of a Captum-style class: ``cls(model).attribute(x, target=target)``."""
+        def make(x, target):
+            explainer = cls(model)
+
+            def step():
+                with _autocast(device, dtype):
+                    return explainer.attribute(x, target=target)
+            return step
+        return make
+
     if "captum" in engines:
         try:
             import captum.attr as cattr
@@ -61,27 +72,11 @@ def build_engines(model: torch.nn.Module, device: torch.device, dtype: Optional[
             cattr = None
         if cattr is not None:
             for method in methods:
-                cls = getattr(cattr, CAPTUM_CLASSES[method])
-
-                def captum_step(x, target, cls=cls):
-                    explainer = cls(model)
-
-                    def step():
-                        with _autocast(device, dtype):
-                            return explainer.attribute(x, target=target)
-                    return step
-                out.append(Engine("captum", method, captum_step))
+                out.append(Engine("captum", method, attribution_step(getattr(cattr, CAPTUM_CLASSES[method]))))
     if "fastsal" in engines:
         classes = {"gradient": fastsal.Saliency, "deconvnet": fastsal.Deconvolution, "guided": fastsal.GuidedBackprop}
         for method in methods:
-            def fastsal_step(x, target, cls=classes[method]):
-                explainer = cls(model)
-
-                def step():
-                    with _autocast(device, dtype):
-                        return explainer.attribute(x, target=target)
-                return step
-            out.append(Engine("fastsal", method, fastsal_step))
+            out.append(Engine("fastsal", method, attribution_step(classes[method])))
     if device.type == "cuda":
         for kind, flags in (("fastsal-compile", {"compile": True}), ("fastsal-graph", {"cuda_graph": True})):
             if kind not in engines:
