@@ -17,6 +17,10 @@ def add_bench_parser(sub) -> None:
         "memory budget for inference, plain autograd, Captum and fastsal (eager; on CUDA also torch.compile and "
         "a CUDA graph). Writes a CSV, prints a table and the ratios, and draws a PNG next to the CSV.",
     )
+    p.add_argument("--case", nargs="+", default=None, metavar="MODEL:DTYPE:BATCH[:ENGINE+...]",
+                   help="run these cases, in this order, instead of every --model x --dtype x --batch-size "
+                   "(e.g. resnet50:bf16:256 resnet50:fp32:64:inference+captum+fastsal); a case's engines are "
+                   "those of --engine it names")
     p.add_argument("--model", nargs="+", default=None, help="torchvision model names (default: resnet50 vgg16)")
     p.add_argument("--batch-size", nargs="+", type=int, default=None, help="default: 8 on CPU, 64 256 on CUDA")
     p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
@@ -32,13 +36,14 @@ def add_bench_parser(sub) -> None:
                    help="budget for the largest-batch estimate (default: the card's memory, or 16 on CPU)")
     p.add_argument("--out", default="bench.csv", metavar="FILE.csv")
     p.add_argument("--quick", action="store_true", help="small models and images: a CPU run under two minutes")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG (the CSVs only)")
 
 
 def run_bench(args) -> int:
     import torch
 
     from fastsal.bench.plot import plot
-    from fastsal.bench.runner import bench, ratios
+    from fastsal.bench.runner import bench, parse_case, product_cases, ratios
 
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
@@ -50,31 +55,70 @@ def run_bench(args) -> int:
     repeats = QUICK["repeats"] if args.quick and args.repeats == 10 else args.repeats
     warmup = QUICK["warmup"] if args.quick and args.warmup == 2 else args.warmup
     budget = args.memory_budget_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else 16.0)
-    print(f"fastsal bench on {device}: models {models}, batches {batches}, dtypes {dtypes}, {size}px, "
+    cases = [parse_case(c) for c in args.case] if args.case else product_cases(models, dtypes, batches)
+    print(f"fastsal bench on {device}: cases {', '.join(_case_name(c) for c in cases)}, {size}px, "
           f"{repeats} interleaved repeats", flush=True)
-    rows = bench(models, batches, dtypes, device, args.engine, args.method, size, repeats, warmup, budget,
-                 log=lambda s: print(s, flush=True))
+    ratio_path = os.path.splitext(args.out)[0] + "_ratios.csv"
+    sink = _RowSink(args.out, ratio_path, ratios)
+    try:
+        rows = bench(cases, device, args.engine, args.method, size, repeats, warmup, budget,
+                     log=lambda s: print(s, flush=True), on_row=sink.add)
+    finally:
+        sink.close()
+    # the final files: every row with its peak memory and largest batch, and the ratios
     _write_csv(args.out, rows)
     table = ratios(rows)
-    ratio_path = os.path.splitext(args.out)[0] + "_ratios.csv"
     _write_csv(ratio_path, table)
-    png = os.path.splitext(args.out)[0] + ".png"
-    plot(rows, png, title=f"fastsal bench - {rows[0]['card'] if rows else ''} - {rows[0]['date'] if rows else ''}")
+    png = None if args.no_plot else os.path.splitext(args.out)[0] + ".png"
+    if png:
+        plot(rows, png, title=f"fastsal bench - {rows[0]['card'] if rows else ''} - {rows[0]['date'] if rows else ''}")
     print("\nratios (fastsal / other; throughput > 1 and memory < 1 favour fastsal):")
     for r in table:
         print(f"  {r['model']:9s} {r['dtype']:4s} b={r['batch_size']:<4d} {r['engine']:15s} {r['method']:9s} "
               f"vs inference x{r['vs_inference_throughput']}  vs autograd x{r['vs_autograd_throughput']}  "
               f"vs captum x{r['vs_captum_throughput']} (memory x{r['vs_captum_peak_mem']}, "
               f"largest batch x{r['vs_captum_largest_batch']})")
-    print(f"\nwrote {args.out}, {ratio_path} and {png}")
+    print(f"\nwrote {args.out}, {ratio_path}" + (f" and {png}" if png else ""))
     return 0
+
+
+def _case_name(c) -> str:
+    return f"{c.model}:{c.dtype}:{c.batch_size}" + (":" + "+".join(c.engines) if c.engines else "")
+
+
+class _RowSink:
+    """Writes each row to the CSV as it comes (flushed), and the ratios of the rows so far,
+    so a run cut short (a timeout, a crash) leaves what it measured on disk."""
+
+    def __init__(self, path: str, ratio_path: str, ratios):
+        from fastsal.bench.runner import FIELDS
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.rows = []
+        self.ratio_path = ratio_path
+        self.ratios = ratios
+        self.fh = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=FIELDS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.fh.flush()
+
+    def add(self, row) -> None:
+        self.rows.append(dict(row))
+        self.writer.writerow(row)
+        self.fh.flush()
+        _write_csv(self.ratio_path, self.ratios(self.rows))
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _write_csv(path, rows) -> None:
     if not rows:
         return
+    from fastsal.bench.runner import FIELDS
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = []
+    fields = [f for f in FIELDS if any(f in r for r in rows)]
     for r in rows:
         fields += [k for k in r if k not in fields]
     with open(path, "w", newline="") as fh:

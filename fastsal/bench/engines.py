@@ -24,6 +24,9 @@ class Engine:
     engine: str  # inference | autograd | captum | fastsal | fastsal-compile | fastsal-graph
     method: str  # the saliency method, "-" for inference
     make_step: Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]
+    # how its peak memory is read: "step" (one call once warm) or "capture" (the first call
+    # of a fresh step, where a CUDA graph is captured: replays allocate nothing)
+    memory: str = "step"
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -68,9 +71,12 @@ def build_engines(model: torch.nn.Module, device: torch.device, dtype: Optional[
     if "captum" in engines:
         try:
             import captum.attr as cattr
-        except ImportError:
-            cattr = None
-        if cattr is not None:
+        except ImportError as exc:  # a row that says so, not a silently missing engine
+            def missing(x, target, exc=exc):
+                raise exc
+            for method in methods:
+                out.append(Engine("captum", method, missing))
+        else:
             for method in methods:
                 out.append(Engine("captum", method, attribution_step(getattr(cattr, CAPTUM_CLASSES[method]))))
     if "fastsal" in engines:
@@ -88,5 +94,6 @@ def build_engines(model: torch.nn.Module, device: torch.device, dtype: Optional[
                     def step():
                         return explainer.explain(x, target=target)
                     return step
-                out.append(Engine(kind, method, explainer_step))
+                out.append(Engine(kind, method, explainer_step,
+                                  memory="capture" if kind == "fastsal-graph" else "step"))
     return out

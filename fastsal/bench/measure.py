@@ -91,6 +91,29 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     return rss.bytes
 
 
+def capture_memory(first_call: Callable[[], object]) -> int:
+    """Bytes a CUDA-graph step holds, read over its first call (warm-up and capture).
+
+    A replay allocates nothing, and what the captured graph keeps lives in its private
+    memory pool, which ``max_memory_allocated`` read around a replay does not see. So this
+    reads the larger of the peak allocated while the first call warms up and captures (above
+    what was allocated before it) and what stays reserved after it once the free cached
+    blocks are returned (the graph's private pool, its static input and anything else the
+    first call made, such as the folded weights of the saliency twin: a slight overcount).
+    """
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base_allocated = torch.cuda.memory_allocated()
+    base_reserved = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    first_call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base_allocated
+    torch.cuda.empty_cache()  # private pools of live graphs stay reserved
+    kept = torch.cuda.memory_reserved() - base_reserved
+    return max(peak, kept, 0)
+
+
 def summarize(samples: List[float]) -> Dict[str, float]:
     s = sorted(samples)
     q = statistics.quantiles(s, n=5) if len(s) >= 5 else [s[0], s[0], s[-1], s[-1]]

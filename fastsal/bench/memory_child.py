@@ -11,11 +11,11 @@ def main() -> None:
     release_freed_memory_eagerly()
     import torch
 
-    from fastsal.bench.runner import memory_pass
+    from fastsal.bench.runner import Case, memory_pass
 
     spec = json.loads(sys.argv[1])
-    peaks = memory_pass(spec["models"], spec["dtypes"], spec["batch_sizes"], torch.device("cpu"), spec["engines"],
-                        spec["methods"], spec["size"])
+    cases = [Case(m, d, b, tuple(e) if e else None) for m, d, b, e in spec["cases"]]
+    peaks = memory_pass(cases, torch.device("cpu"), spec["engines"], spec["methods"], spec["size"])
     print(json.dumps([[list(k), v] for k, v in peaks.items()]))
 
 
