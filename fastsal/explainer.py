@@ -23,7 +23,9 @@ Options for fixed-shape serving on a GPU:
 * ``cuda_graph=True``: for each input shape/dtype/target mode, the whole step (forward,
   target choice, backward, reduction) is captured once as a CUDA graph after a warm-up on
   a side stream, and replayed: inputs are copied into static buffers, outputs cloned out.
-  Only for CUDA inputs (CPU inputs run eagerly); at most ``max_graphs`` shapes are kept.
+  Only for CUDA inputs (CPU inputs run eagerly), on the input's own device; other threads
+  may use the GPU during a capture. At most ``max_graphs`` shapes are kept; a dropped graph
+  is released only after its last replay finished.
   With ``dtype=`` the capture runs autocast with its weight cache off, as CUDA graphs need
   (the weights are cast inside the graph, so in-place weight updates are seen on replay).
 """
@@ -86,43 +88,64 @@ def _step(fn, x: torch.Tensor, target, reduce, channels_last: bool):
 
 
 class _GraphStep:
-    """One captured CUDA graph of :func:`_step` for one input shape, dtype and target mode."""
+    """One captured CUDA graph of :func:`_step` for one input shape, dtype and target mode.
+
+    Warm-up and capture run under ``torch.cuda.device(example.device)`` on a side stream made
+    on that device, so an input on ``cuda:1`` is captured there whatever device is current.
+    The capture uses ``capture_error_mode="thread_local"``: other threads may keep using the
+    GPU meanwhile (``check_inputs``' ``isfinite`` and host sync, eager explains) without
+    invalidating it.
+    """
 
     def __init__(self, fn, example: torch.Tensor, given_targets: bool, reduce, channels_last: bool):
+        device = example.device
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.static_x = torch.empty_like(example, memory_format=fmt)
-        self.static_x.copy_(example)
-        self.static_targets = torch.zeros(example.shape[0], dtype=torch.long, device=example.device) if given_targets else None
-        step = lambda: _step(fn, self.static_x, self.static_targets, reduce, False)  # noqa: E731
-        # warm up on a side stream (lazy initialisation, cuDNN/cuBLAS handles, autotuning)
-        side = torch.cuda.Stream(device=example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream(example.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, self.classes, self.maps = step()
+        with torch.cuda.device(device):
+            self.static_x = torch.empty_like(example, memory_format=fmt)
+            self.static_x.copy_(example)
+            self.static_targets = (
+                torch.zeros(example.shape[0], dtype=torch.long, device=device) if given_targets else None
+            )
+            step = lambda: _step(fn, self.static_x, self.static_targets, reduce, False)  # noqa: E731
+            # warm up on a side stream (lazy initialisation, cuDNN/cuBLAS handles, autotuning)
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # the same side stream for the capture: torch's default capture stream is made
+            # once, on whichever device was current then
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.logits, self.classes, self.maps = step()
         self.num_classes = self.logits.shape[1]
 
         self._done: Optional[torch.cuda.Event] = None
 
     def __call__(self, x: torch.Tensor, classes: Optional[torch.Tensor]) -> Explanation:
         """Replay on the caller's current stream (the caller holds the explainer's lock)."""
-        stream = torch.cuda.current_stream(x.device)
-        if self._done is not None:
-            # a previous call may have run on another thread's stream: its clones must have
-            # read the static outputs before this replay overwrites them
-            stream.wait_event(self._done)
-        self.static_x.copy_(x)
-        if self.static_targets is not None:
-            self.static_targets.copy_(classes)
-        self.graph.replay()
-        out = Explanation(self.logits.clone(), self.classes.clone(), self.maps.clone())
-        self._done = torch.cuda.Event()
-        self._done.record(stream)
+        with torch.cuda.device(x.device):
+            stream = torch.cuda.current_stream(x.device)
+            if self._done is not None:
+                # a previous call may have run on another thread's stream: its clones must have
+                # read the static outputs before this replay overwrites them
+                stream.wait_event(self._done)
+            self.static_x.copy_(x)
+            if self.static_targets is not None:
+                self.static_targets.copy_(classes)
+            self.graph.replay()
+            out = Explanation(self.logits.clone(), self.classes.clone(), self.maps.clone())
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._done = done
         return out
+
+    def release(self) -> None:
+        """Wait for the last replay (and the clones of its outputs) before the graph is dropped:
+        dropping it hands its memory pool back to the allocator, which may reuse it at once."""
+        if self._done is not None:
+            self._done.synchronize()
 
 
 class Explainer:
@@ -197,8 +220,13 @@ class Explainer:
                     options = dict(self.compile) if isinstance(self.compile, dict) else {}
                     forward = torch.compile(forward, **options)
                 self._fn = (twin, forward)
-                self._graphs.clear()  # graphs captured the old function
+                self._drop_graphs()  # graphs captured the old function
             return self._fn[1]
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph, each once its last replay is done (caller holds the lock)."""
+        while self._graphs:
+            self._graphs.popitem(last=False)[1].release()
 
     def _uses_channels_last(self, x: torch.Tensor) -> bool:
         if self.channels_last is not None:
@@ -256,7 +284,7 @@ class Explainer:
                 graph = _GraphStep(fn, x, target is not None, self.reduce, cl)
                 self._graphs[key] = graph
                 while len(self._graphs) > self.max_graphs:
-                    self._graphs.popitem(last=False)
+                    self._graphs.popitem(last=False)[1].release()
             else:
                 self._graphs.move_to_end(key)
             classes = None if target is None else classes_for(target, n, graph.num_classes, x.device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 
 import pytest
 import torch
@@ -178,6 +180,101 @@ def test_bad_input(net):
         fastsal.Explainer(nn.Conv2d(3, 2, 3)).explain(x)
 
 
+class FakeCuda:
+    """Stand-ins for the ``torch.cuda`` calls of the CUDA-graph path, recording them in ``log``,
+    so its logic runs on CPU tensors: the "capture" runs the step eagerly, a "replay" does
+    nothing (the static outputs keep the captured values)."""
+
+    def __init__(self, monkeypatch):
+        self.log = []
+        log = self.log
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = device
+                log.append(("stream", device))
+
+            def wait_stream(self, other):
+                pass
+
+            def wait_event(self, event):
+                log.append(("wait_event", event))
+
+        class Event:
+            def record(self, stream):
+                log.append(("record", self))
+
+            def synchronize(self):
+                log.append(("synchronize", self))
+
+        class CUDAGraph:
+            def __init__(self):
+                weakref.finalize(self, log.append, ("graph released", id(self)))
+
+            def replay(self):
+                log.append(("replay", id(self)))
+
+        @contextlib.contextmanager
+        def device(d):
+            log.append(("enter device", d))
+            yield
+            log.append(("exit device", d))
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, **kwargs):
+            log.append(("capture", id(cuda_graph), kwargs))
+            yield
+
+        for name, value in (("Stream", Stream), ("Event", Event), ("CUDAGraph", CUDAGraph), ("device", device),
+                            ("graph", graph), ("stream", lambda s: contextlib.nullcontext()),
+                            ("current_stream", lambda device=None: Stream(device))):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def of(self, kind):
+        return [entry for entry in self.log if entry[0] == kind]
+
+
+def test_cuda_graph_capture_runs_on_the_input_device_in_thread_local_mode(net, monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    explainer = fastsal.Explainer(net, cuda_graph=True)
+    x = _x()
+    result = explainer._explain_graph(explainer._function(), x, None, 4, False)
+    assert torch.equal(result.maps, fastsal.Explainer(net).explain(x).maps)
+    (capture,) = fake.of("capture")
+    side = capture[2].get("stream")
+    # captured on the side stream made on the input's device (not torch's default capture
+    # stream, made on whichever device was current), with other threads' CUDA calls allowed
+    assert capture[2] == {"stream": side, "capture_error_mode": "thread_local"}
+    assert side is not None and side.device == x.device
+    kinds = [e[0] for e in fake.log]
+    first, last = kinds.index("enter device"), kinds.index("exit device")
+    assert fake.log[first][1] == x.device and first < kinds.index("capture") < last
+    assert all(s[1] == x.device for s in fake.of("stream"))
+
+
+def test_evicted_cuda_graph_waits_for_its_last_replay(net, monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    explainer = fastsal.Explainer(net, cuda_graph=True, max_graphs=1)
+    fn = explainer._function()
+    explainer._explain_graph(fn, _x(n=2), None, 2, False)
+    explainer._explain_graph(fn, _x(n=2), None, 2, False)  # replayed: one graph so far
+    first_graph = fake.of("capture")[0][1]
+    last_replay = fake.of("record")[-1][1]
+    assert not fake.of("graph released")
+    explainer._explain_graph(fn, _x(n=3), None, 3, False)  # another shape: the first graph is evicted
+    # the event of its last replay was waited on before the graph (and its pool) went away
+    assert ("graph released", first_graph) in fake.log
+    assert fake.log.index(("synchronize", last_replay)) < fake.log.index(("graph released", first_graph))
+    assert len(explainer._graphs) == 1
+    # a changed model: every graph is dropped, again after its last replay
+    explainer._explain_graph(fn, _x(n=3), None, 3, False)
+    second_graph, last_replay = fake.of("capture")[1][1], fake.of("record")[-1][1]
+    net.train()
+    explainer._function()
+    assert not explainer._graphs
+    assert fake.log.index(("synchronize", last_replay)) < fake.log.index(("graph released", second_graph))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_cuda_graph_replay_equals_eager(net, dtype):
@@ -191,6 +288,54 @@ def test_cuda_graph_replay_equals_eager(net, dtype):
             assert torch.equal(got.targets, want.targets)
             assert rel_l2(got.maps.float(), want.maps.float()) <= (1e-5 if dtype is None else 2e-2)
     assert len(graphed._graphs) == 2  # one per target mode, reused across calls
+
+
+@pytest.mark.gpu
+def test_cuda_graph_on_the_second_gpu_while_the_first_is_current(net):
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, {torch.cuda.device_count()} visible")
+    torch.cuda.set_device(0)
+    model = net.to("cuda:1")
+    graphed = fastsal.Explainer(model, cuda_graph=True)
+    eager = fastsal.Explainer(model)
+    for seed in range(3):  # capture, then replays
+        x = _x(n=8, seed=seed).to("cuda:1")
+        got, want = graphed.explain(x), eager.explain(x)
+        assert got.maps.device == x.device and torch.equal(got.targets, want.targets)
+        assert rel_l2(got.maps, want.maps) <= 1e-5
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_while_other_threads_use_the_gpu(net):
+    # captures (3 shapes, max_graphs=2: evictions too) while other threads run eager explains,
+    # whose check_inputs does isfinite and a host sync
+    model = net.cuda()
+    graphed = fastsal.Explainer(model, cuda_graph=True, max_graphs=2)
+    eager = fastsal.Explainer(model, check_finite=True)
+    inputs = [_x(n=n, seed=n).cuda() for n in (2, 4, 8)]
+    expected = [eager.explain(x).maps for x in inputs]
+    errors = []
+
+    def work(explainer, order):
+        try:
+            for _ in range(4):
+                for i in order:
+                    got = explainer.explain(inputs[i]).maps
+                    if rel_l2(got, expected[i]) > 1e-5:
+                        raise AssertionError(f"input {i}: rel_l2 {rel_l2(got, expected[i])}")
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(graphed, order)) for order in ([0, 1, 2], [2, 1, 0])]
+    threads += [threading.Thread(target=work, args=(eager, [0, 1, 2])) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+    assert len(graphed._graphs) <= 2
 
 
 def test_model_changed_after_the_explainer_was_made(net):

@@ -10,7 +10,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from fastsal.jobs import runner
 from fastsal.jobs.boxes import weak_box
 from fastsal.jobs.sources import discover
 from fastsal.jobs.store import load_results
@@ -240,3 +242,47 @@ def test_topk_grid(folder, tmp_path):
     bad = _fastsal("topk", folder, "--layer", "features.3", "--channel", "99", "--out", str(out),
                    "--model", "job_models:tiny", "--size", "32", check=False)
     assert bad.returncode == 2 and "out of range" in bad.stderr
+
+
+class _Stop(Exception):
+    """Raised by the stand-in init_process_group: the test needs nothing after it."""
+
+
+@pytest.fixture
+def torchrun_on_4_gpus(monkeypatch):
+    """Rank 2 of 4 under torchrun on a node with 4 (pretend) GPUs; records set_device and init."""
+    calls = []
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "2"), ("LOCAL_RANK", "2"), ("LOCAL_WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+
+    def init_process_group(backend, **kwargs):
+        calls.append(("init", backend, kwargs.get("device_id")))
+        raise _Stop
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    return calls
+
+
+@pytest.mark.parametrize("device, index", [("cuda:1", 1), ("cuda:0", 0), ("cuda", 2), ("auto", 2)])
+def test_torchrun_binds_nccl_to_the_device_it_runs_on(torchrun_on_4_gpus, tmp_path, device, index):
+    # an explicit cuda:N wins over LOCAL_RANK (2), and NCCL is bound to that same device
+    with pytest.raises(_Stop):
+        runner.run(runner.RunOptions(src=str(tmp_path), out=str(tmp_path / "out"), device=device))
+    assert torchrun_on_4_gpus == [("set_device", index), ("init", "nccl", torch.device("cuda", index))]
+
+
+def test_torchrun_on_cpu_uses_gloo_and_a_missing_gpu_is_refused(torchrun_on_4_gpus, tmp_path):
+    opts = dict(src=str(tmp_path), out=str(tmp_path / "out"))
+    with pytest.raises(_Stop):
+        runner.run(runner.RunOptions(**opts, device="cpu"))
+    assert torchrun_on_4_gpus == [("init", "gloo", None)]
+    torchrun_on_4_gpus.clear()
+    for device, message in (("cuda:4", r"cuda:4 does not exist \(4 CUDA device"), ("cuda:x", "cuda or cuda:N"),
+                            ("tpu", "cuda or cuda:N")):
+        with pytest.raises(runner.JobError, match=message):
+            runner.run(runner.RunOptions(**opts, device=device))
+    assert torchrun_on_4_gpus == []  # refused before NCCL was touched

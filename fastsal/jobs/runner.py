@@ -90,29 +90,44 @@ class Dist:
         return t.cpu().tolist()
 
 
-def _init_dist(device_kind: str) -> Dist:
+def _dist_from_env() -> Dist:
+    """This process's place under ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
-        kwargs = {"device_id": torch.device("cuda", d.local_rank)} if backend == "nccl" else {}
-        torch.distributed.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30), **kwargs)
-    return d
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _init_dist(dist: Dist, device: torch.device) -> None:
+    """Join the process group; NCCL is bound to ``device``, the one this rank computes on."""
+    if not dist.active or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    torch.distributed.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30), **kwargs)
 
 
 def _pick_device(choice: str, dist: Dist) -> torch.device:
+    """The device to run on: an explicit ``cuda:N`` wins; plain ``cuda`` (or ``auto`` with a
+    GPU) is ``cuda:LOCAL_RANK``. Made current with ``torch.cuda.set_device``."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda"):
+    if choice == "cuda" or choice.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise JobError("--device cuda but no CUDA device is visible; use --device cpu")
-        index = dist.local_rank if choice == "cuda" else int(choice.split(":")[1])
+        explicit = choice != "cuda"
+        try:
+            index = int(choice.split(":", 1)[1]) if explicit else dist.local_rank
+        except ValueError:
+            raise JobError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}") from None
+        count = torch.cuda.device_count()
+        if not 0 <= index < count:
+            raise JobError(f"--device {choice}: cuda:{index} does not exist ({count} CUDA device(s) visible)"
+                           + ("; under torchrun plain --device cuda takes cuda:LOCAL_RANK" if not explicit else ""))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if choice != "cpu":
-        raise JobError(f"--device must be auto, cpu or cuda, got {choice!r}")
+        raise JobError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}")
     return torch.device("cpu")
 
 
@@ -223,9 +238,10 @@ def run(opts: RunOptions) -> dict:
         except ValueError:
             raise JobError(f"--target must be predicted, label or a class index, got {opts.target!r}") from None
 
-    device_kind = "cuda" if (opts.device.startswith("cuda") or (opts.device == "auto" and torch.cuda.is_available())) else "cpu"
-    dist = _init_dist(device_kind)
+    # the device first (an explicit cuda:N wins over LOCAL_RANK), then NCCL bound to it
+    dist = _dist_from_env()
     device = _pick_device(opts.device, dist)
+    _init_dist(dist, device)
     try:
         loaded = load_model(opts.model, opts.weights, opts.size)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
