@@ -19,33 +19,122 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launchable, needs_int64
+from ._launch import launchable, needs_int64, on_device_of
 from .reference import pool_output_size
+from .relu import vector_width
 
-# Pooled elements per program, as a [BLOCK_BYTES, 8] tile so sign bits pack like relu's.
-FORWARD_BLOCK_BYTES = 64
+# One pooled mask byte (8 outputs) per thread at Triton's default of 4 warps, as in relu.py:
+# the sign bits and the switches are packed in registers, with no shared-memory conversion.
+NUM_WARPS = 4
+FORWARD_BLOCK_BYTES = 32 * NUM_WARPS
 # Input elements per program in the gather; each does up to KH*KW masked switch loads.
 BACKWARD_BLOCK_SIZE = 512
 
 
 @triton.jit
 def _decompose(offsets, C, H, W, CHANNELS_LAST: tl.constexpr):
-    """(n, c, h, w) of flat memory-order offsets in an NCHW or NHWC dense tensor."""
+    """(n, c, h, w) of flat memory-order offsets in an NCHW or NHWC dense tensor.
+
+    h and w come back as int32 whatever the offsets' type: they are coordinates inside one
+    plane, and the window arithmetic on them (divisions by the stride) is far cheaper in
+    32 bits. n and c keep the offsets' type, since only they can make an offset large.
+    """
     if CHANNELS_LAST:
         c = offsets % C
-        rest = offsets // C
-        w = rest % W
-        rest = rest // W
-        h = rest % H
-        n = rest // H
+        pixel = offsets // C
+        n = pixel // (H * W)
+        in_plane = (pixel - n * (H * W)).to(tl.int32)
     else:
-        w = offsets % W
-        rest = offsets // W
-        h = rest % H
-        rest = rest // H
-        c = rest % C
-        n = rest // C
+        plane = offsets // (H * W)
+        in_plane = (offsets - plane * (H * W)).to(tl.int32)
+        n = plane // C
+        c = plane - n * C
+    h = in_plane // W
+    w = in_plane - h * W
     return n, c, h, w
+
+
+@triton.jit
+def _pool_forward_group(
+    x_ptr, out_ptr, switch_ptr,  # as in _max_pool2d_forward_kernel
+    offsets,  # [BLOCK_BYTES, VEC] flat output offsets, one row per thread
+    C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, APPLY_RELU: tl.constexpr, MASKED: tl.constexpr, INT64: tl.constexpr,
+):
+    """Pool VEC outputs per thread; returns (pooled as float32, switch as int32)."""
+    if MASKED:
+        mask = offsets < n_out
+    else:
+        mask = tl.full(offsets.shape, True, tl.int1)
+    n, c, oh, ow = _decompose(offsets, C, OH, OW, CHANNELS_LAST)
+    base = x_ptr + n * sxn + c * sxc
+    h0 = oh * stride_h - pad_h
+    w0 = ow * stride_w - pad_w
+    best = tl.full(offsets.shape, float("-inf"), tl.float32)
+    switch = tl.full(offsets.shape, -1, tl.int32)
+    for kh in tl.static_range(KH):
+        ih = h0 + kh * dil_h
+        row_ok = mask & (ih >= 0) & (ih < H)
+        if INT64:
+            row = base + ih.to(tl.int64) * sxh
+        else:
+            row = base + ih * sxh
+        for kw in tl.static_range(KW):
+            iw = w0 + kw * dil_w
+            valid = row_ok & (iw >= 0) & (iw < W)
+            if INT64:
+                v = tl.load(row + iw.to(tl.int64) * sxw, mask=valid, other=float("-inf")).to(tl.float32)
+            else:
+                v = tl.load(row + iw * sxw, mask=valid, other=float("-inf")).to(tl.float32)
+            if APPLY_RELU:
+                v = tl.where(v < 0, tl.zeros_like(v), v)
+            # torch's order: a strictly larger value or a NaN takes over; the first valid
+            # position stands when every value is -inf
+            take = valid & ((v > best) | (v != v) | (switch < 0))
+            best = tl.where(take, v, best)
+            switch = tl.where(take, kh * KW + kw, switch)
+    switch = tl.where(switch < 0, 0, switch)
+    if MASKED:
+        tl.store(out_ptr + offsets, best.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(switch_ptr + offsets, switch.to(tl.int8), mask=mask)
+    else:
+        tl.store(out_ptr + offsets, best.to(out_ptr.dtype.element_ty))
+    return best, switch
+
+
+@triton.jit
+def _pool_forward_block(
+    x_ptr, out_ptr, switch_ptr, bits_ptr,
+    byte_offsets,  # [BLOCK_BYTES]: the pooled mask bytes of this program, one per thread
+    C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, APPLY_RELU: tl.constexpr, STORE_MASK: tl.constexpr,
+    MASKED: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
+):
+    lanes = tl.arange(0, VEC)
+    packed_bits = tl.zeros(byte_offsets.shape, tl.int32)
+    # a full byte's eight switches, packed little-endian into one 64-bit store per thread
+    packed_switches = tl.zeros(byte_offsets.shape, tl.int64)
+    for g in tl.static_range(8 // VEC):
+        bit = g * VEC + lanes
+        offsets = byte_offsets[:, None] * 8 + bit[None, :]
+        best, switch = _pool_forward_group(
+            x_ptr, out_ptr, switch_ptr, offsets,
+            C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            KH, KW, CHANNELS_LAST, APPLY_RELU, MASKED, INT64,
+        )
+        if not MASKED:
+            packed_switches |= tl.sum(switch.to(tl.int64) << (8 * bit[None, :]).to(tl.int64), axis=1)
+        if STORE_MASK:
+            packed_bits |= tl.sum((best > 0).to(tl.int32) << bit[None, :], axis=1)
+    if not MASKED:
+        tl.store(switch_ptr.to(tl.pointer_type(tl.int64)) + byte_offsets, packed_switches)
+    if STORE_MASK:
+        if MASKED:
+            tl.store(bits_ptr + byte_offsets, packed_bits.to(tl.uint8), mask=byte_offsets * 8 < n_out)
+        else:
+            tl.store(bits_ptr + byte_offsets, packed_bits.to(tl.uint8))
 
 
 @triton.jit
@@ -64,42 +153,26 @@ def _max_pool2d_forward_kernel(
     APPLY_RELU: tl.constexpr,
     STORE_MASK: tl.constexpr,
     INT64: tl.constexpr,
+    VEC: tl.constexpr,  # outputs per 128-bit store: 4 fp32, 8 fp16/bf16
     BLOCK_BYTES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    lanes = tl.arange(0, 8)
-    offsets = byte_offsets[:, None] * 8 + lanes[None, :]
-    mask = offsets < n_out
-    n, c, oh, ow = _decompose(offsets, C, OH, OW, CHANNELS_LAST)
-    base = x_ptr + n * sxn + c * sxc
-    h0 = oh * stride_h - pad_h
-    w0 = ow * stride_w - pad_w
-
-    best = tl.full(offsets.shape, float("-inf"), tl.float32)
-    switch = tl.full(offsets.shape, -1, tl.int32)
-    for kh in tl.static_range(KH):
-        ih = h0 + kh * dil_h
-        row_ok = mask & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
-            iw = w0 + kw * dil_w
-            valid = row_ok & (iw >= 0) & (iw < W)
-            v = tl.load(base + ih * sxh + iw * sxw, mask=valid, other=float("-inf")).to(tl.float32)
-            if APPLY_RELU:
-                v = tl.where(v < 0, tl.zeros_like(v), v)
-            # torch's order: a strictly larger value or a NaN takes over; the first valid
-            # position stands when every value is -inf
-            take = valid & ((v > best) | (v != v) | (switch < 0))
-            best = tl.where(take, v, best)
-            switch = tl.where(take, kh * KW + kw, switch)
-    switch = tl.where(switch < 0, 0, switch)
-    tl.store(out_ptr + offsets, best.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(switch_ptr + offsets, switch.to(tl.int8), mask=mask)
-    if STORE_MASK:
-        packed = tl.sum((best > 0).to(tl.int32) << lanes[None, :], axis=1)
-        tl.store(bits_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets * 8 < n_out)
+    # every program but the last is full: no masks, so the stores can be vectors
+    if (pid + 1) * (BLOCK_BYTES * 8) <= n_out:
+        _pool_forward_block(
+            x_ptr, out_ptr, switch_ptr, bits_ptr, byte_offsets,
+            C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            KH, KW, CHANNELS_LAST, APPLY_RELU, STORE_MASK, False, INT64, VEC,
+        )
+    else:
+        _pool_forward_block(
+            x_ptr, out_ptr, switch_ptr, bits_ptr, byte_offsets,
+            C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            KH, KW, CHANNELS_LAST, APPLY_RELU, STORE_MASK, True, INT64, VEC,
+        )
 
 
 @triton.jit
@@ -126,6 +199,9 @@ def _unpool_backward_kernel(
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_in
     n, c, ih, iw = _decompose(offsets, C, H, W, CHANNELS_LAST)
+    # the (n, c) parts of the offsets, once; the window arithmetic below stays in int32
+    s_plane = n * ssn + c * ssc
+    g_plane = n * sgn + c * sgc
     acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     positive = tl.zeros((BLOCK_SIZE,), dtype=tl.int32)
     for kh in tl.static_range(KH):
@@ -133,14 +209,25 @@ def _unpool_backward_kernel(
         th = ih + pad_h - kh * dil_h
         oh = th // stride_h
         row_ok = mask & (th >= 0) & (th - oh * stride_h == 0) & (oh < OH)
+        if INT64:
+            s_row = s_plane + oh.to(tl.int64) * ssh
+            g_row = g_plane + oh.to(tl.int64) * sgh
+        else:
+            s_row = s_plane + oh * ssh
+            g_row = g_plane + oh * sgh
         for kw in tl.static_range(KW):
             tw = iw + pad_w - kw * dil_w
             ow = tw // stride_w
             ok = row_ok & (tw >= 0) & (tw - ow * stride_w == 0) & (ow < OW)
-            s_off = n * ssn + c * ssc + oh * ssh + ow * ssw
+            if INT64:
+                s_off = s_row + ow.to(tl.int64) * ssw
+                g_off = g_row + ow.to(tl.int64) * sgw
+            else:
+                s_off = s_row + ow * ssw
+                g_off = g_row + ow * sgw
             s = tl.load(switch_ptr + s_off, mask=ok, other=-1).to(tl.int32)
             hit = ok & (s == kh * KW + kw)
-            g = tl.load(grad_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=hit, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + g_off, mask=hit, other=0.0).to(tl.float32)
             acc += tl.where(hit, g, 0.0)
             if RULE == 0 or RULE == 2:
                 # switches are dense, so their offset is the pooled element's memory-order index
@@ -183,16 +270,17 @@ def max_pool2d_forward(
     if n_out == 0:
         return out, switches, bits
     grid = (triton.cdiv(triton.cdiv(n_out, 8), FORWARD_BLOCK_BYTES),)
-    launchable(_max_pool2d_forward_kernel)[grid](
-        x, out, switches, bits if store_mask else switches,
-        c, h, w, oh, ow,
-        *x.stride(),
-        n_out,
-        sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw,
-        CHANNELS_LAST=channels_last, APPLY_RELU=apply_relu, STORE_MASK=store_mask,
-        INT64=needs_int64(x, out), BLOCK_BYTES=FORWARD_BLOCK_BYTES,
-    )
+    with on_device_of(x):
+        launchable(_max_pool2d_forward_kernel)[grid](
+            x, out, switches, bits if store_mask else switches,
+            c, h, w, oh, ow,
+            *x.stride(),
+            n_out,
+            sh, sw, ph, pw, dh, dw,
+            KH=kh, KW=kw,
+            CHANNELS_LAST=channels_last, APPLY_RELU=apply_relu, STORE_MASK=store_mask,
+            INT64=needs_int64(x, out), VEC=vector_width(out), BLOCK_BYTES=FORWARD_BLOCK_BYTES,
+        )
     return out, switches, bits
 
 
@@ -220,15 +308,16 @@ def max_pool2d_backward(
     if grad.numel() == 0:
         return out.zero_()
     grid = (triton.cdiv(n_in, BACKWARD_BLOCK_SIZE),)
-    launchable(_unpool_backward_kernel)[grid](
-        grad, switches, bits if rule in (0, 2) else switches, out,
-        c, h, w, oh, ow,
-        *grad.stride(),
-        *switches.stride(),
-        n_in,
-        sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw, RULE=rule,
-        CHANNELS_LAST=channels_last,
-        INT64=needs_int64(out, grad), BLOCK_SIZE=BACKWARD_BLOCK_SIZE,
-    )
+    with on_device_of(grad):
+        launchable(_unpool_backward_kernel)[grid](
+            grad, switches, bits if rule in (0, 2) else switches, out,
+            c, h, w, oh, ow,
+            *grad.stride(),
+            *switches.stride(),
+            n_in,
+            sh, sw, ph, pw, dh, dw,
+            KH=kh, KW=kw, RULE=rule,
+            CHANNELS_LAST=channels_last,
+            INT64=needs_int64(out, grad, switches), BLOCK_SIZE=BACKWARD_BLOCK_SIZE,
+        )
     return out

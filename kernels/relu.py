@@ -1,8 +1,14 @@
 """ReLU forward with a packed sign mask, and ReLU backward for the three rules.
 
-Both kernels walk the tensor in memory order as a [BLOCK_BYTES, 8] tile: row j of the
-tile holds the 8 elements whose signs go into mask byte j, so packing is a shift and a sum
-along the short axis and the loads stay contiguous.
+Both kernels walk the tensor in memory order, one mask byte (8 elements) per thread: the
+[BLOCK_BYTES, VEC] tiles below put row j, the elements of mask byte j, in one thread, so
+the byte is packed and unpacked in registers. The compiler then needs no shared-memory
+layout conversion (no barrier) and moves the data in 128-bit vectors: VEC elements are
+16 bytes (4 fp32, 8 fp16/bf16), and an fp32 byte takes two of them.
+
+Every program but the last is full and runs without masks, so the vector accesses need
+only the pointers' 16-byte alignment, not ``numel % 16 == 0``; the last program takes the
+masked (scalar) path.
 """
 
 from __future__ import annotations
@@ -11,38 +17,109 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launchable, needs_int64
+from ._launch import launchable, needs_int64, on_device_of
 
-# 256 mask bytes = 2048 elements per program: 16 elements per thread at 4 warps, enough
-# independent loads in flight to saturate HBM on a memory-bound op.
-BLOCK_BYTES = 256
+# One mask byte per thread at Triton's default of 4 warps: BLOCK_BYTES must equal
+# 32 * num_warps, or the packed bytes no longer sit one per thread and the compiler goes
+# through shared memory to store them. 1024 elements per program.
+NUM_WARPS = 4
+BLOCK_BYTES = 32 * NUM_WARPS
+
+
+def vector_width(t: torch.Tensor) -> int:
+    """Elements per 128-bit access (and per tile column): 4 for fp32, 8 for fp16/bf16."""
+    return max(1, min(8, 16 // t.element_size()))
+
+
+@triton.jit
+def _relu_forward_block(
+    x_ptr, y_ptr, bits_ptr,  # as in _relu_forward_kernel
+    byte_offsets,  # the mask bytes this program writes, one per thread
+    n_elements,
+    STORE_MASK: tl.constexpr,
+    MASKED: tl.constexpr,  # only the last program can run past n_elements
+    VEC: tl.constexpr,
+):
+    lanes = tl.arange(0, VEC)
+    packed = tl.zeros(byte_offsets.shape, tl.int32)
+    for g in tl.static_range(8 // VEC):
+        bit = g * VEC + lanes
+        offsets = byte_offsets[:, None] * 8 + bit[None, :]
+        if MASKED:
+            mask = offsets < n_elements
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        else:
+            x = tl.load(x_ptr + offsets)
+        # relu as torch writes it: negatives become 0, NaN and -0.0 pass through unchanged
+        y = tl.where(x < 0, tl.zeros_like(x), x)
+        if MASKED:
+            tl.store(y_ptr + offsets, y, mask=mask)
+        else:
+            tl.store(y_ptr + offsets, y)
+        if STORE_MASK:
+            packed |= tl.sum((x > 0).to(tl.int32) << bit[None, :], axis=1)
+    if STORE_MASK:
+        if MASKED:
+            tl.store(bits_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets * 8 < n_elements)
+        else:
+            tl.store(bits_ptr + byte_offsets, packed.to(tl.uint8))
 
 
 @triton.jit
 def _relu_forward_kernel(
     x_ptr,  # input, dense, read in memory order
-    y_ptr,  # relu(x), same layout as x
+    y_ptr,  # relu(x), same layout as x (may be x_ptr: each element is read before it is written)
     bits_ptr,  # uint8 mask, bit i of byte j = [x[8j + i] > 0]
     n_elements,
     STORE_MASK: tl.constexpr,
     INT64: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    lanes = tl.arange(0, 8)
-    offsets = byte_offsets[:, None] * 8 + lanes[None, :]
-    mask = offsets < n_elements
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    # relu as torch writes it: negatives become 0, NaN and -0.0 pass through unchanged
-    y = tl.where(x < 0, tl.zeros_like(x), x)
-    tl.store(y_ptr + offsets, y, mask=mask)
-    if STORE_MASK:
-        positive = (x > 0).to(tl.int32)
-        packed = tl.sum(positive << lanes[None, :], axis=1)
-        tl.store(bits_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets * 8 < n_elements)
+    if (pid + 1) * (BLOCK_BYTES * 8) <= n_elements:
+        _relu_forward_block(x_ptr, y_ptr, bits_ptr, byte_offsets, n_elements, STORE_MASK, False, VEC)
+    else:
+        _relu_forward_block(x_ptr, y_ptr, bits_ptr, byte_offsets, n_elements, STORE_MASK, True, VEC)
+
+
+@triton.jit
+def _relu_backward_block(
+    grad_ptr, bits_ptr, out_ptr,  # as in _relu_backward_kernel
+    byte_offsets,  # the mask bytes this program reads, one per thread
+    n_elements,
+    RULE: tl.constexpr,
+    MASKED: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    lanes = tl.arange(0, VEC)
+    if RULE != 1:
+        if MASKED:
+            packed = tl.load(bits_ptr + byte_offsets, mask=byte_offsets * 8 < n_elements, other=0).to(tl.int32)
+        else:
+            packed = tl.load(bits_ptr + byte_offsets).to(tl.int32)
+    for g in tl.static_range(8 // VEC):
+        bit = g * VEC + lanes
+        offsets = byte_offsets[:, None] * 8 + bit[None, :]
+        if MASKED:
+            mask = offsets < n_elements
+            r = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+        else:
+            r = tl.load(grad_ptr + offsets)
+        zero = tl.zeros_like(r)
+        if RULE != 1:
+            positive = ((packed[:, None] >> bit[None, :]) & 1) != 0
+            r = tl.where(positive, r, zero)
+        if RULE != 0:
+            # torch's relu: negatives become 0, NaN passes
+            r = tl.where(r < 0, zero, r)
+        if MASKED:
+            tl.store(out_ptr + offsets, r, mask=mask)
+        else:
+            tl.store(out_ptr + offsets, r)
 
 
 @triton.jit
@@ -53,29 +130,31 @@ def _relu_backward_kernel(
     n_elements,
     RULE: tl.constexpr,  # 0 gradient, 1 deconvnet, 2 guided
     INT64: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    lanes = tl.arange(0, 8)
-    offsets = byte_offsets[:, None] * 8 + lanes[None, :]
-    mask = offsets < n_elements
-    r = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
-    zero = tl.zeros_like(r)
-    if RULE != 1:
-        packed = tl.load(bits_ptr + byte_offsets, mask=byte_offsets * 8 < n_elements, other=0)
-        positive = ((packed.to(tl.int32)[:, None] >> lanes[None, :]) & 1) != 0
-        r = tl.where(positive, r, zero)
-    if RULE != 0:
-        # torch's relu: negatives become 0, NaN passes
-        r = tl.where(r < 0, zero, r)
-    tl.store(out_ptr + offsets, r, mask=mask)
+    if (pid + 1) * (BLOCK_BYTES * 8) <= n_elements:
+        _relu_backward_block(grad_ptr, bits_ptr, out_ptr, byte_offsets, n_elements, RULE, False, VEC)
+    else:
+        _relu_backward_block(grad_ptr, bits_ptr, out_ptr, byte_offsets, n_elements, RULE, True, VEC)
 
 
 def _grid(n_elements: int):
     return (triton.cdiv(triton.cdiv(n_elements, 8), BLOCK_BYTES),)
+
+
+def _launch_forward(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor, store_mask: bool) -> None:
+    n = x.numel()
+    with on_device_of(x):
+        launchable(_relu_forward_kernel)[_grid(n)](
+            # with no mask to store, any valid pointer stands in for bits (an empty tensor's may be null)
+            x, y, bits if store_mask else y, n,
+            STORE_MASK=store_mask, INT64=needs_int64(x), VEC=vector_width(x), BLOCK_BYTES=BLOCK_BYTES,
+        )
 
 
 def relu_forward(x: torch.Tensor, store_mask: bool):
@@ -83,12 +162,8 @@ def relu_forward(x: torch.Tensor, store_mask: bool):
     y = torch.empty_like(x)
     n = x.numel()
     bits = torch.empty((n + 7) // 8 if store_mask else 0, dtype=torch.uint8, device=x.device)
-    if n == 0:
-        return y, bits
-    launchable(_relu_forward_kernel)[_grid(n)](
-        # an empty tensor may have a null pointer, which the launcher rejects: pass y instead
-        x, y, bits if store_mask else y, n, STORE_MASK=store_mask, INT64=needs_int64(x), BLOCK_BYTES=BLOCK_BYTES
-    )
+    if n:
+        _launch_forward(x, y, bits, store_mask)
     return y, bits
 
 
@@ -96,15 +171,12 @@ def relu_forward_(x: torch.Tensor, store_mask: bool) -> torch.Tensor:
     """In place: ``x`` (dense) becomes ``relu(x)``; returns the bits of ``x > 0``.
 
     The same kernel with ``y_ptr = x_ptr``: every element is read before it is written, by
-    the same program, so nothing is read after being overwritten.
+    the same thread, so nothing is read after being overwritten.
     """
     n = x.numel()
     bits = torch.empty((n + 7) // 8 if store_mask else 0, dtype=torch.uint8, device=x.device)
-    if n == 0:
-        return bits
-    launchable(_relu_forward_kernel)[_grid(n)](
-        x, x, bits if store_mask else x, n, STORE_MASK=store_mask, INT64=needs_int64(x), BLOCK_BYTES=BLOCK_BYTES
-    )
+    if n:
+        _launch_forward(x, x, bits, store_mask)
     return bits
 
 
@@ -114,7 +186,9 @@ def relu_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int) -> torch.Te
     n = grad.numel()
     if n == 0:
         return out
-    launchable(_relu_backward_kernel)[_grid(n)](
-        grad, bits if rule != 1 else grad, out, n, RULE=rule, INT64=needs_int64(grad), BLOCK_BYTES=BLOCK_BYTES
-    )
+    with on_device_of(grad):
+        launchable(_relu_backward_kernel)[_grid(n)](
+            grad, bits if rule != 1 else grad, out, n,
+            RULE=rule, INT64=needs_int64(grad), VEC=vector_width(grad), BLOCK_BYTES=BLOCK_BYTES,
+        )
     return out
