@@ -41,24 +41,28 @@ def _empty_bits(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0, dtype=torch.uint8)
 
 
+def _relu_forward(x: torch.Tensor, store: bool, inplace: bool):
+    """``(relu(x), packed bits of x > 0)``; in place, the first is ``x`` itself."""
+    fmt = _layout(x)
+    dense = x.is_contiguous(memory_format=fmt)
+    if inplace and dense:
+        return x, torch.ops.fastsal.relu_forward_(x, store)
+    y, bits = torch.ops.fastsal.relu_forward(x if dense else _dense(x, fmt), store)
+    if inplace:  # a strided view: computed out of place, written back through the view
+        return x.copy_(y), bits
+    return y, bits
+
+
 class _ReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rule_code: int, inplace: bool):
-        fmt = _layout(x)
         store = rule_code != Rule.DECONVNET.code and ctx.needs_input_grad[0]
         ctx.rule_code = rule_code
-        ctx.fmt = fmt
-        dense = x.is_contiguous(memory_format=fmt)
-        if inplace and dense:
-            bits = torch.ops.fastsal.relu_forward_(x, store)
-        else:
-            y, bits = torch.ops.fastsal.relu_forward(x if dense else _dense(x, fmt), store)
+        ctx.fmt = _layout(x)
+        y, bits = _relu_forward(x, store, inplace)
         ctx.save_for_backward(bits)
         if inplace:
-            if not dense:  # a strided view: computed out of place, written back through the view
-                x.copy_(y)
             ctx.mark_dirty(x)
-            return x
         return y
 
     @staticmethod
@@ -73,6 +77,10 @@ def relu(x: torch.Tensor, rule: RuleLike, inplace: bool = False) -> torch.Tensor
     """``torch.relu(x)`` whose backward applies ``rule`` (``"gradient"``, ``"deconvnet"``, ``"guided"``)."""
     rule = as_rule(rule)
     check_tensor(x, "x")
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        # no backward will come: the forward alone, with no mask (and no autograd.Function,
+        # whose in-place mark_dirty would break a torch.compile graph)
+        return _relu_forward(x, False, bool(inplace))[0]
     return _ReLUFunction.apply(x, rule.code, bool(inplace))
 
 
