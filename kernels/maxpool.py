@@ -23,8 +23,9 @@ from ._launch import launchable, needs_int64, on_device_of
 from .reference import pool_output_size
 from .relu import vector_width
 
-# One pooled mask byte (8 outputs) per thread at Triton's default of 4 warps, as in relu.py:
-# the sign bits and the switches are packed in registers, with no shared-memory conversion.
+# Two pooled mask bytes (16 outputs) per thread at Triton's default of 4 warps: the sign bits
+# and the switches are packed in registers, with no shared-memory conversion (as in relu.py),
+# and a thread's 16 int8 switches leave in one 128-bit store. 2048 outputs per program.
 NUM_WARPS = 4
 FORWARD_BLOCK_BYTES = 32 * NUM_WARPS
 # Input elements per program in the gather; each does up to KH*KW masked switch loads.
@@ -104,17 +105,18 @@ def _pool_forward_group(
 
 
 @triton.jit
-def _pool_forward_block(
+def _pool_forward_byte(
     x_ptr, out_ptr, switch_ptr, bits_ptr,
-    byte_offsets,  # [BLOCK_BYTES]: the pooled mask bytes of this program, one per thread
+    byte_offsets,  # [BLOCK_BYTES]: one pooled mask byte (8 outputs) per thread
     C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, APPLY_RELU: tl.constexpr, STORE_MASK: tl.constexpr,
     MASKED: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
 ):
+    """Pool 8 outputs per thread and store their values; returns the byte's eight switches
+    packed little-endian into an int64, and its sign bits (the masked path stores both)."""
     lanes = tl.arange(0, VEC)
     packed_bits = tl.zeros(byte_offsets.shape, tl.int32)
-    # a full byte's eight switches, packed little-endian into one 64-bit store per thread
     packed_switches = tl.zeros(byte_offsets.shape, tl.int64)
     for g in tl.static_range(8 // VEC):
         bit = g * VEC + lanes
@@ -128,13 +130,36 @@ def _pool_forward_block(
             packed_switches |= tl.sum(switch.to(tl.int64) << (8 * bit[None, :]).to(tl.int64), axis=1)
         if STORE_MASK:
             packed_bits |= tl.sum((best > 0).to(tl.int32) << bit[None, :], axis=1)
+    if MASKED and STORE_MASK:
+        tl.store(bits_ptr + byte_offsets, packed_bits.to(tl.uint8), mask=byte_offsets * 8 < n_out)
+    return packed_switches, packed_bits
+
+
+@triton.jit
+def _pool_forward_block(
+    x_ptr, out_ptr, switch_ptr, bits_ptr,
+    pairs,  # [BLOCK_BYTES]: each thread's pair of pooled mask bytes (16 outputs)
+    C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, APPLY_RELU: tl.constexpr, STORE_MASK: tl.constexpr,
+    MASKED: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
+):
+    s0, b0 = _pool_forward_byte(
+        x_ptr, out_ptr, switch_ptr, bits_ptr, pairs * 2,
+        C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        KH, KW, CHANNELS_LAST, APPLY_RELU, STORE_MASK, MASKED, INT64, VEC,
+    )
+    s1, b1 = _pool_forward_byte(
+        x_ptr, out_ptr, switch_ptr, bits_ptr, pairs * 2 + 1,
+        C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        KH, KW, CHANNELS_LAST, APPLY_RELU, STORE_MASK, MASKED, INT64, VEC,
+    )
     if not MASKED:
-        tl.store(switch_ptr.to(tl.pointer_type(tl.int64)) + byte_offsets, packed_switches)
-    if STORE_MASK:
-        if MASKED:
-            tl.store(bits_ptr + byte_offsets, packed_bits.to(tl.uint8), mask=byte_offsets * 8 < n_out)
-        else:
-            tl.store(bits_ptr + byte_offsets, packed_bits.to(tl.uint8))
+        # 16 switches in one 128-bit store, 16 sign bits in one 16-bit store
+        words = pairs[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(switch_ptr.to(tl.pointer_type(tl.int64)) + words, tl.join(s0, s1))
+        if STORE_MASK:
+            tl.store(bits_ptr.to(tl.pointer_type(tl.int16)) + pairs, (b0 | (b1 << 8)).to(tl.int16))
 
 
 @triton.jit
@@ -154,22 +179,22 @@ def _max_pool2d_forward_kernel(
     STORE_MASK: tl.constexpr,
     INT64: tl.constexpr,
     VEC: tl.constexpr,  # outputs per 128-bit store: 4 fp32, 8 fp16/bf16
-    BLOCK_BYTES: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,  # threads per program; each pools 16 outputs (two mask bytes)
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    pairs = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     # every program but the last is full: no masks, so the stores can be vectors
-    if (pid + 1) * (BLOCK_BYTES * 8) <= n_out:
+    if (pid + 1) * (BLOCK_BYTES * 16) <= n_out:
         _pool_forward_block(
-            x_ptr, out_ptr, switch_ptr, bits_ptr, byte_offsets,
+            x_ptr, out_ptr, switch_ptr, bits_ptr, pairs,
             C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
             KH, KW, CHANNELS_LAST, APPLY_RELU, STORE_MASK, False, INT64, VEC,
         )
     else:
         _pool_forward_block(
-            x_ptr, out_ptr, switch_ptr, bits_ptr, byte_offsets,
+            x_ptr, out_ptr, switch_ptr, bits_ptr, pairs,
             C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
             KH, KW, CHANNELS_LAST, APPLY_RELU, STORE_MASK, True, INT64, VEC,
         )
@@ -269,7 +294,7 @@ def max_pool2d_forward(
     bits = torch.empty((n_out + 7) // 8 if store_mask else 0, dtype=torch.uint8, device=x.device)
     if n_out == 0:
         return out, switches, bits
-    grid = (triton.cdiv(triton.cdiv(n_out, 8), FORWARD_BLOCK_BYTES),)
+    grid = (triton.cdiv(n_out, 16 * FORWARD_BLOCK_BYTES),)
     with on_device_of(x):
         launchable(_max_pool2d_forward_kernel)[grid](
             x, out, switches, bits if store_mask else switches,

@@ -228,9 +228,9 @@ def test_pool_int64_offsets(monkeypatch):
 @pytest.mark.parametrize("pool", ["2x2s2", "3x3s2p1_overlap"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pool_full_programs(pool, dtype):
-    # 2 x 9 x 17 x 15 = 4590 (2x2) or 2 x 9 x 17 x 16 = 4896 (3x3) pooled elements: four full
-    # programs of 1024 take the unmasked path (vector stores, switches packed 8 to a 64-bit
-    # store) and a fifth is masked
+    # 2 x 9 x 17 x 15 = 4590 (2x2) or 2 x 9 x 17 x 16 = 4896 (3x3) pooled elements: two full
+    # programs of 2048 take the unmasked path (vector stores, 16 switches to a 128-bit store,
+    # 16 sign bits to a 16-bit one) and a third is masked
     x = _randn((2, 9, 34, 31), dtype, seed=3)
     _check_pool(x, POOLS[pool], True, dtype)
     _check_pool(x.contiguous(memory_format=torch.channels_last), POOLS[pool], False, dtype)
