@@ -126,10 +126,10 @@ def _pool_forward_byte(
             C, H, W, OH, OW, sxn, sxc, sxh, sxw, n_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
             KH, KW, CHANNELS_LAST, APPLY_RELU, MASKED, INT64,
         )
+        if STORE_MASK:
+            packed_bits |= tl.sum(tl.where(best > 0, 1 << bit[None, :], 0), axis=1)
         if not MASKED:
             packed_switches |= tl.sum(switch.to(tl.int64) << (8 * bit[None, :]).to(tl.int64), axis=1)
-        if STORE_MASK:
-            packed_bits |= tl.sum((best > 0).to(tl.int32) << bit[None, :], axis=1)
     if MASKED and STORE_MASK:
         tl.store(bits_ptr + byte_offsets, packed_bits.to(tl.uint8), mask=byte_offsets * 8 < n_out)
     return packed_switches, packed_bits
@@ -157,7 +157,12 @@ def _pool_forward_block(
     if not MASKED:
         # 16 switches in one 128-bit store, 16 sign bits in one 16-bit store
         words = pairs[:, None] * 2 + tl.arange(0, 2)[None, :]
-        tl.store(switch_ptr.to(tl.pointer_type(tl.int64)) + words, tl.join(s0, s1))
+        if KH * KW == 1:
+            # every switch is 0; joining two constant tensors would cost a shared-memory
+            # layout conversion, a zero tile costs nothing
+            tl.store(switch_ptr.to(tl.pointer_type(tl.int64)) + words, tl.zeros(words.shape, tl.int64))
+        else:
+            tl.store(switch_ptr.to(tl.pointer_type(tl.int64)) + words, tl.join(s0, s1))
         if STORE_MASK:
             tl.store(bits_ptr.to(tl.pointer_type(tl.int16)) + pairs, (b0 | (b1 << 8)).to(tl.int16))
 
