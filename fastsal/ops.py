@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from fastsal import _library  # noqa: F401  (registers torch.ops.fastsal.*)
+from fastsal.backend import kernels_for
 from fastsal._checks import IntOrPair, check_same_device, check_tensor, pair
 from fastsal.rules import Rule, RuleLike, as_rule
 
@@ -37,6 +40,16 @@ def _dense(x: torch.Tensor, fmt) -> torch.Tensor:
     return x.contiguous(memory_format=fmt) if fmt is torch.channels_last else x.contiguous()
 
 
+def _impl(t: torch.Tensor):
+    """Where the ops' kernels are called: the launchers themselves in plain eager code, where
+    the ``torch.library`` dispatch would only add tens of microseconds a call (a CPU step of
+    a CNN makes hundreds); ``torch.ops.fastsal`` while torch.compile traces, for fake or
+    other tensor subclasses, and under a dispatch mode, which must see the registered ops."""
+    if type(t) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
+        return kernels_for(t)
+    return torch.ops.fastsal
+
+
 def _empty_bits(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0, dtype=torch.uint8)
 
@@ -46,8 +59,14 @@ def _relu_forward(x: torch.Tensor, store: bool, inplace: bool):
     fmt = _layout(x)
     dense = x.is_contiguous(memory_format=fmt)
     if inplace and dense:
-        return x, torch.ops.fastsal.relu_forward_(x, store)
-    y, bits = torch.ops.fastsal.relu_forward(x if dense else _dense(x, fmt), store)
+        impl = _impl(x)
+        bits = impl.relu_forward_(x, store)
+        if impl is not torch.ops.fastsal:
+            # a kernel writing through a pointer bumps no version counter; the registered
+            # op (mutates_args) would have, so autograd can still catch a stale saved tensor
+            torch.autograd.graph.increment_version(x)
+        return x, bits
+    y, bits = _impl(x).relu_forward(x if dense else _dense(x, fmt), store)
     if inplace:  # a strided view: computed out of place, written back through the view
         return x.copy_(y), bits
     return y, bits
@@ -69,7 +88,8 @@ class _ReLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (bits,) = ctx.saved_tensors
-        grad_in = torch.ops.fastsal.relu_backward(_dense(grad, ctx.fmt), bits, ctx.rule_code)
+        grad = _dense(grad, ctx.fmt)
+        grad_in = _impl(grad).relu_backward(grad, bits, ctx.rule_code)
         return grad_in, None, None
 
 
@@ -107,7 +127,7 @@ class _MaxPool2dFunction(torch.autograd.Function):
         fused = rule_code != _NO_RULE
         store = fused and rule_code != Rule.DECONVNET.code and ctx.needs_input_grad[0]
         channels_last = _layout(x) is torch.channels_last
-        pooled, switches, bits = torch.ops.fastsal.max_pool2d_forward(
+        pooled, switches, bits = _impl(x).max_pool2d_forward(
             x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode, fused, store
         )
         ctx.args = (list(x.shape), list(kernel), list(stride), list(padding), list(dilation), channels_last)
@@ -120,7 +140,7 @@ class _MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, grad):
         switches, bits = ctx.saved_tensors
         shape, kernel, stride, padding, dilation, channels_last = ctx.args
-        grad_in = torch.ops.fastsal.max_pool2d_backward(
+        grad_in = _impl(grad).max_pool2d_backward(
             grad, switches, bits, ctx.rule_code, shape, kernel, stride, padding, dilation, channels_last
         )
         return grad_in, None, None, None, None, None, None

@@ -11,6 +11,7 @@ pool backward means "plain unpool, no ReLU rule".
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,6 +26,10 @@ def _lanes(device: torch.device) -> torch.Tensor:
 
 def memory_order(x: torch.Tensor) -> torch.Tensor:
     """A 1-D view of a dense tensor in the order its elements sit in memory."""
+    if x.is_contiguous():
+        return x.view(-1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
     if x.dim() == 0:
         return x.reshape(1)
     order = sorted(range(x.dim()), key=lambda d: (x.stride(d), x.size(d)), reverse=True)
@@ -46,6 +51,18 @@ def pack_bits(positive: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(((n + 7) // 8) * 8, dtype=torch.uint8, device=flat.device)
     padded[:n] = flat.to(torch.uint8)
     return (padded.view(-1, 8) << _lanes(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+# numpy's SIMD comparison is 2-3x faster than torch's `x > 0` on a CPU
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def positive_bits(x: torch.Tensor) -> torch.Tensor:
+    """``pack_bits(x > 0)``, with numpy doing the comparison on a real CPU tensor."""
+    if type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES:
+        flat = memory_order(x).detach()
+        return torch.from_numpy(np.packbits(np.greater(flat.numpy(), 0), bitorder="little"))
+    return pack_bits(x > 0)
 
 
 def unpack_bits(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -80,7 +97,7 @@ def _chunks(n: int):
 def relu_forward(x: torch.Tensor, store_mask: bool):
     """``(relu(x), bits of x > 0)``; the bits are an empty uint8 tensor when not stored."""
     if not (_plain_cpu(x) and x.numel() > CHUNK):
-        bits = pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        bits = positive_bits(x) if store_mask else x.new_empty(0, dtype=torch.uint8)
         return torch.relu(x), bits
     y = torch.empty_like(x)
     bits = relu_forward_into(x, y, store_mask)
@@ -90,7 +107,7 @@ def relu_forward(x: torch.Tensor, store_mask: bool):
 def relu_forward_(x: torch.Tensor, store_mask: bool) -> torch.Tensor:
     """In place: ``x`` becomes ``relu(x)``; returns the bits of ``x > 0`` (empty when not stored)."""
     if not (_plain_cpu(x) and x.numel() > CHUNK):
-        bits = pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        bits = positive_bits(x) if store_mask else x.new_empty(0, dtype=torch.uint8)
         torch.relu_(x)
         return bits
     return relu_forward_into(x, x, store_mask)
@@ -103,7 +120,7 @@ def relu_forward_into(x: torch.Tensor, y: torch.Tensor, store_mask: bool) -> tor
     bits = torch.empty((n + 7) // 8 if store_mask else 0, dtype=torch.uint8)
     for a, b in _chunks(n):
         if store_mask:
-            bits[a // 8:(b + 7) // 8] = torch.from_numpy(np.packbits((xf[a:b] > 0).numpy(), bitorder="little"))
+            bits[a // 8:(b + 7) // 8] = positive_bits(xf[a:b])
         torch.clamp_min(xf[a:b], 0, out=yf[a:b])
     return bits
 
@@ -192,6 +209,119 @@ def _window_origin(n_out: int, s: int, p: int, device) -> torch.Tensor:
     return torch.arange(n_out, device=device) * s - p
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """A real CPU tensor outside tracing: the fast pool paths (lookup tables, host checks) apply."""
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
+# the fast CPU pool paths can be switched off (tests compare them with the plain path)
+FAST_POOL = True
+
+
+def _shaped_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (in ``like``'s memory order) viewed with ``like``'s shape and strides."""
+    if like.is_contiguous():
+        return flat.view(like.shape)
+    return flat.as_strided(like.shape, like.stride())
+
+
+def _dense_layout(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _disjoint(kernel_size, stride, dilation) -> bool:
+    """Whether no two windows share a position (stride at least the dilated window span)."""
+    return all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel_size, stride, dilation))
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_tables(h: int, w: int, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """CPU lookup tables of one pool geometry (cached: a model reuses a handful).
+
+    ``switch_of_index``: int8 over the ``h * w`` plane, the switch of each position inside the
+    one window that holds it (disjoint windows only, else None); ``switch_of_offset``: int8 over
+    the offsets from a window's corner (None when a window row does not fit the image row);
+    ``index_of_switch``: int64 ``[kh * kw]`` offsets, ``corner``: int64 ``[oh, ow]`` flat
+    in-plane index of each window's top-left corner (padding included); ``first``: int8
+    ``[oh, ow]`` switch of each window's first real (non-padding) position.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    cpu = torch.device("cpu")
+    # all-equal values: torch's first-wins picks each window's first real position
+    _, first_index = F.max_pool2d(torch.zeros(1, 1, h, w), kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    oh, ow = first_index.shape[-2:]
+    corner = _window_origin(oh, sh, ph, cpu).view(-1, 1) * w + _window_origin(ow, sw, pw, cpu).view(1, -1)
+    index_of_switch = torch.tensor([(a * dh) * w + b * dw for a in range(kh) for b in range(kw)], dtype=torch.int64)
+    switch_of_offset = None
+    if (kw - 1) * dw < w:
+        switch_of_offset = torch.zeros(int(index_of_switch[-1]) + 1, dtype=torch.int8)
+        switch_of_offset[index_of_switch] = torch.arange(kh * kw, dtype=torch.int8)
+    switch_of_index = None
+    if _disjoint(kernel_size, stride, dilation):
+
+        def along(size, k, s, p, d):
+            pos = torch.arange(size) + p
+            inside = pos - (pos // s) * s  # offset from the corner of the one window that can hold pos
+            return torch.where(inside % d == 0, inside // d, 0).clamp_(max=k - 1)
+
+        rows, cols = along(h, kh, sh, ph, dh), along(w, kw, sw, pw, dw)
+        switch_of_index = (rows.view(-1, 1) * kw + cols.view(1, -1)).to(torch.int8).reshape(-1)
+    first = _index_to_switch_slow(first_index[0, 0], w, kernel_size, stride, padding, dilation)
+    return switch_of_index, switch_of_offset, index_of_switch, corner, first
+
+
+def _index_to_switch_slow(index, width, kernel_size, stride, padding, dilation):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    oh, ow = index.shape[-2:]
+    rows = index // width - _window_origin(oh, sh, ph, index.device).view(-1, 1)
+    cols = index % width - _window_origin(ow, sw, pw, index.device).view(1, -1)
+    return ((rows // dh) * kw + (cols // dw)).to(torch.int8)
+
+
+def _index_to_switch_fast(index, tables, out):
+    """int64 in-plane indices (a temporary: overwritten) -> int8 switches written to ``out`` (same layout)."""
+    switch_of_index, switch_of_offset, _, corner, _ = tables
+    if switch_of_index is not None:  # disjoint windows: the position alone names the switch
+        torch.index_select(switch_of_index, 0, memory_order(index), out=memory_order(out))
+    else:
+        torch.index_select(switch_of_offset, 0, memory_order(index.sub_(corner)), out=memory_order(out))
+
+
+def _pool_fast(x, kernel_size, stride, padding, dilation, ceil_mode, apply_relu):
+    """(pooled, switches) of a dense CPU tensor, or None where the fast path does not apply.
+
+    One ``max_pool2d_with_indices`` into preallocated outputs, a few images at a time, then
+    one table lookup turns the int64 indices into switches. With ``apply_relu`` the pool runs
+    on x itself: a window whose maximum is positive (or NaN) has the same argmax in
+    ``relu(x)``; one whose maximum is negative is all zeros after the ReLU, so its switch is
+    its first real position and its value +0. A window whose maximum is exactly zero would
+    need the sign of its first element, so a slice holding one pools ``relu(x)`` instead.
+    """
+    n, c, h, w = x.shape
+    tables = _pool_tables(h, w, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), bool(ceil_mode))
+    if tables[0] is None and tables[1] is None:
+        return None
+    oh, ow = tables[3].shape
+    fmt = _format_of(x)
+    pooled = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=fmt)
+    switches = torch.empty((n, c, oh, ow), dtype=torch.int8, memory_format=fmt)
+    step = _batch_step(x)
+    index = torch.empty((min(step, n), c, oh, ow), dtype=torch.int64, memory_format=fmt)
+    args = (kernel_size, stride, padding, dilation, ceil_mode)
+    for i in range(0, n, step):
+        part, out, sw, idx = x[i:i + step], pooled[i:i + step], switches[i:i + step], index[:min(step, n - i)]
+        torch.ops.aten.max_pool2d_with_indices.out(part, *args, out=out, indices=idx)
+        if apply_relu and bool((out == 0).any()):
+            torch.ops.aten.max_pool2d_with_indices.out(torch.relu(part), *args, out=out, indices=idx)
+            _index_to_switch_fast(idx, tables, sw)
+            continue
+        _index_to_switch_fast(idx, tables, sw)
+        if apply_relu:
+            torch.where(out < 0, tables[4], sw, out=sw)
+            out.relu_()
+    return pooled, switches
+
+
 def max_pool2d_forward(
     x: torch.Tensor,
     kernel_size: Sequence[int],
@@ -210,6 +340,13 @@ def max_pool2d_forward(
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     width = x.shape[-1]
+    fast = None
+    if FAST_POOL and _eager_cpu(x) and x.numel() > 0 and _dense_layout(x):
+        fast = _pool_fast(x, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, apply_relu)
+    if fast is not None:
+        pooled, switches = fast
+        bits = positive_bits(pooled) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        return pooled, switches, bits
 
     def pool(part: torch.Tensor):
         src = torch.relu(part) if apply_relu else part
@@ -274,6 +411,10 @@ def max_pool2d_backward(
         # every window pointing at a position shares its sign, so the mask can go first
         grad = torch.ops.aten.threshold_backward(grad, unpack_bits(bits, switches).view(torch.uint8), 0)
     out = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+    if FAST_POOL and _eager_cpu(grad) and _eager_cpu(switches) and switches.numel() > 0 and _dense_layout(switches):
+        tables = _pool_tables(h, w, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), ceil_mode)
+        if tuple(tables[3].shape) == (oh, ow):
+            return _unpool_fast(grad, switches, rule, out, tables, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode)
     step = _batch_step(out)
     tables = _switch_tables(oh, ow, w, kernel_size, stride, padding, dilation, grad.device)
     for i in range(0, max(n, 1), step):
@@ -292,5 +433,32 @@ def max_pool2d_backward(
             index, grad_input=out[i:i + step],
         )
     if rule in (DECONVNET, GUIDED):
+        out = out.relu_()
+    return out
+
+
+def _unpool_fast(grad, switches, rule, out, tables, kernel_size, stride, padding, dilation, ceil_mode):
+    """The CPU unpool: int64 indices rebuilt by one lookup and one add per slice, then aten's
+    max-pool backward. Disjoint windows take the ReLU rule at pooled resolution (each input
+    position receives at most one gradient, so ``relu`` commutes with the unpool)."""
+    _, switch_of_offset, index_of_switch, corner, _ = tables
+    disjoint = _disjoint(kernel_size, stride, dilation)
+    if disjoint and rule in (DECONVNET, GUIDED):
+        grad = grad.relu_() if rule == GUIDED else torch.relu(grad)  # GUIDED's grad is already a new tensor
+    if grad.stride() != switches.stride():
+        grad = grad.contiguous(memory_format=_format_of(switches))
+    n = out.shape[0]
+    step = _batch_step(out)
+    index = torch.empty((min(step, n),) + tuple(switches.shape[1:]), dtype=torch.int64, memory_format=_format_of(switches))
+    for i in range(0, n, step):
+        idx = index[:min(step, n - i)]
+        torch.index_select(index_of_switch, 0, memory_order(switches[i:i + step]).to(torch.int32), out=memory_order(idx))
+        idx.add_(corner)
+        # aten's max-pool backward reads only the shape and layout of its `self` argument
+        torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+            grad[i:i + step], out[i:i + step], kernel_size, stride, padding, dilation, ceil_mode, idx,
+            grad_input=out[i:i + step],
+        )
+    if not disjoint and rule in (DECONVNET, GUIDED):
         out = out.relu_()
     return out
