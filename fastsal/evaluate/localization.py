@@ -30,6 +30,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from fastsal.jobs.boxes import box_iou
+
 TORCHRAY_TOLERANCE = 15
 """TorchRay's pointing-game tolerance, in pixels, at ImageNet's 224 px scale."""
 
@@ -370,17 +372,6 @@ def mass_in_box(maps, boxes=None, masks=None, mode: str = "abs") -> MassResult:
 
 # ----------------------------------------------------------------------------------------------
 # weak-box IoU
-
-
-def box_iou(a, b) -> float:
-    """IoU of two half-open boxes ``(x0, y0, x1, y1)``; 0 when either is None or both are empty."""
-    if a is None or b is None:
-        return 0.0
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 @dataclass

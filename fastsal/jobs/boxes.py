@@ -65,3 +65,14 @@ def weak_box(
         min(iw, int(np.ceil(x1 * sx))),
         min(ih, int(np.ceil(y1 * sy))),
     )
+
+
+def box_iou(a, b) -> float:
+    """IoU of two half-open boxes ``(x0, y0, x1, y1)``; 0 when either is None or both are empty."""
+    if a is None or b is None:
+        return 0.0
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0

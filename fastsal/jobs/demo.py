@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from fastsal.jobs.boxes import box_iou
+
 
 def _draw_box(img: np.ndarray, box, color) -> None:
     if box is None:
@@ -24,16 +26,6 @@ def _draw_box(img: np.ndarray, box, color) -> None:
     img[y1, x0:x1 + 1] = color
     img[y0:y1 + 1, x0] = color
     img[y0:y1 + 1, x1] = color
-
-
-def _iou(a, b) -> float:
-    if a is None or b is None:
-        return 0.0
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
@@ -80,7 +72,7 @@ def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
         correct += int(rec.label == label)
         y, x = np.unravel_index(np.argmax(rec.map.astype(np.float32)), rec.map.shape)
         pointing += int(true_box[0] <= x < true_box[2] and true_box[1] <= y < true_box[3])
-        ious.append(_iou(rec.box, true_box))
+        ious.append(box_iou(rec.box, true_box))
 
     model = build_default_model()
     images = np.stack([np.asarray(Image.open(os.path.join(image_dir, k)).convert("RGB")) for k in list(results)[:6]])
