@@ -1,4 +1,4 @@
-"""The ``fastsal`` command line: ``run``, ``demo`` and ``topk`` (``python -m fastsal`` too)."""
+"""The ``fastsal`` command line: ``run``, ``demo``, ``topk`` and ``eval`` (``python -m fastsal`` too)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,34 @@ def _add_topk(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="sanity checks (MPRT, RandomLogit), pointing game, deletion/insertion: "
+                       "do the maps explain the model?",
+                       description="Run the checks of fastsal.evaluate on a model and a data set and write "
+                       "results.json, a tidy results.csv (check, method, step, metric, mean, std, n), summary.md "
+                       "and PNGs to DIR. Without --model and --data: the embedded model on its synthetic test "
+                       "split, offline.")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--model", default=None, help="as for fastsal run (needs --data); default: the embedded model")
+    p.add_argument("--weights", default=None, help="as for fastsal run")
+    p.add_argument("--data", default=None, metavar="SRC", help="a CSV path,label,x0,y0,x1,y1 (boxes in image "
+                   "pixels, half-open; write_dataset's format) or what fastsal run reads (no boxes); "
+                   "default: the synthetic test split")
+    p.add_argument("--checks", default="mprt,random-logit,pointing,deletion,insertion",
+                   help="comma-separated, from mprt (cascading), mprt-independent, random-logit, pointing, "
+                   "deletion, insertion (default: all but mprt-independent)")
+    p.add_argument("--methods", default="gradient,deconvnet,guided", help="comma-separated (default: all three)")
+    p.add_argument("--n", type=int, default=200, help="images: the first N of the data (default 200)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per saliency pass (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the re-initializations and random classes")
+    p.add_argument("--convention", default="adebayo", choices=["adebayo", "quantus"],
+                   help="MPRT: adebayo (trainable parameters reset, BN statistics kept, own top class) or quantus "
+                   "(BN statistics reset too, the labels explained)")
+    p.add_argument("--steps", type=int, default=20, help="points of the deletion/insertion curves, minus one")
+    p.add_argument("--size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastsal",
@@ -93,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_demo(sub)
     _add_topk(sub)
+    _add_eval(sub)
     try:
         from fastsal.bench.cli import add_bench_parser
     except ImportError:
@@ -131,6 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"fastsal topk: {exc}", file=sys.stderr)
                 return 2
             return 0
+        if args.command == "eval":
+            from fastsal.evaluate.command import eval_from_args
+
+            return eval_from_args(args)
         if args.command == "bench":
             from fastsal.bench.cli import run_bench
 
