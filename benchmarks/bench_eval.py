@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ from _results import write_rows  # noqa: E402
 import fastsal  # noqa: E402
 from fastsal.default_model import DEFAULT_PREPROCESS, build_default_model  # noqa: E402
 from fastsal.default_model import synthetic  # noqa: E402
+from fastsal.evaluate.command import cpu_name  # noqa: E402
 from fastsal.evaluate.randomization import METHODS, mprt  # noqa: E402
 from fastsal.evaluate.similarity import SIMILARITIES  # noqa: E402
 
@@ -74,17 +74,6 @@ def _require_quantus():
     import captum
 
     return quantus, captum
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def data(n: int):

@@ -343,7 +343,8 @@ def _curves(model, data: EvalData, method, modes, steps) -> Tuple[dict, List[dic
     return out, rows
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (for the record of where a result was measured)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -486,7 +487,7 @@ def evaluate(opts: EvalOptions) -> dict:
         "pictures": pictures,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "wall_s": round(time.perf_counter() - t_start, 2),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "device": "cpu"},
     }
     _write(opts.out, results)
