@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastsal.evaluate.similarity import SIMILARITIES, check_similarities, compare
+from fastsal.evaluate.similarity import SIMILARITIES, PreparedMaps, check_similarities, compare
 from fastsal.saliency import saliency
 
 METHODS: Tuple[str, ...] = ("gradient", "deconvnet", "guided")
@@ -263,9 +263,11 @@ def mprt(
         raise ValueError("the model has no layer with parameters for MPRT to re-initialize")
     seeds = [seed + i if convention == "adebayo" else seed + 1 for i in range(len(layers))]
 
-    original = _gradients(base, x, labels, methods, batch_size)
+    # the original side of every comparison is prepared (ranked, HOG'd) once
+    original = {m: PreparedMaps(g, similarities, normalization)
+                for m, g in _gradients(base, x, labels, methods, batch_size).items()}
     scores: Scores = {m: {s: np.empty((len(layers), x.shape[0])) for s in similarities} for m in methods}
-    base_scores = {m: compare(original[m], original[m], similarities, normalization) for m in methods}
+    base_scores = {m: original[m].compare(original[m]) for m in methods}
 
     work = copy.deepcopy(base) if mode == "cascading" else None
     for i, name in enumerate(layers):
@@ -274,7 +276,8 @@ def mprt(
         _reset(work.get_submodule(name), name, convention, seeds[i])
         grads = _gradients(work, x, labels, methods, batch_size)
         for m in methods:
-            for metric, s in compare(original[m], grads[m], similarities, normalization).items():
+            step = PreparedMaps(grads.pop(m), similarities, normalization)
+            for metric, s in original[m].compare(step).items():
                 scores[m][metric][i] = s
     return SanityResult(
         check=f"mprt-{mode}", methods=methods, similarities=similarities, steps=tuple(layers), scores=scores,

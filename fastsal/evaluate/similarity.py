@@ -122,18 +122,28 @@ def minmax01(maps) -> np.ndarray:
 # ----- similarities ---------------------------------------------------------------------------------
 
 
-def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row of ``a`` with the same row of ``b`` (2-D inputs)."""
-    ra = stats.rankdata(a, axis=1)
-    rb = stats.rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
+def _centered_ranks(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Each row's average ranks minus their mean, and the rows' sums of squares (the half of a
+    Spearman correlation that depends on one side only, so a reference side is ranked once)."""
+    r = stats.rankdata(x, axis=1)
+    r -= r.mean(axis=1, keepdims=True)
+    return r, (r * r).sum(axis=1)
+
+
+def _correlate(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Pearson correlation of centered ranks (from :func:`_centered_ranks`), row by row."""
+    (ra, ssa), (rb, ssb) = a, b
     num = (ra * rb).sum(axis=1)
-    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    den = np.sqrt(ssa * ssb)  # sqrt(s * s) == s exactly: a map against itself scores 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
         r = num / den
     r[den == 0] = np.nan  # a constant map: undefined, as scipy.stats.spearmanr
     return np.clip(r, -1.0, 1.0)
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` (2-D inputs)."""
+    return _correlate(_centered_ranks(a), _centered_ranks(b))
 
 
 def spearman(a, b) -> np.ndarray:
@@ -225,33 +235,70 @@ def normalized_maps(grad, normalization: str = "adebayo") -> Tuple[np.ndarray, n
     return max_normalize(abs_map), max_normalize(signed)
 
 
+class PreparedMaps:
+    """One side of :func:`compare`, computed once: the normalized maps of a raw gradient and
+    what each similarity needs of them (centered ranks, the [0, 1] map, the HOG features'
+    ranks). MPRT compares the original model's maps with every step's, so the original side
+    is prepared once instead of once per step."""
+
+    def __init__(self, grad, similarities=SIMILARITIES, normalization: str = "adebayo"):
+        self.similarities = check_similarities(similarities)
+        self.normalization = check_normalization(normalization)
+        abs_map, signed = normalized_maps(grad, normalization)
+        self.shape = abs_map.shape
+        n = abs_map.shape[0]
+        self._parts: Dict[str, object] = {}
+        for name in self.similarities:
+            if name == "rank_abs":
+                self._parts[name] = _centered_ranks(abs_map.reshape(n, -1))
+            elif name == "rank_noabs":
+                self._parts[name] = _centered_ranks(signed.reshape(n, -1))
+            elif name == "ssim":
+                self._parts[name] = minmax01(abs_map)
+            else:
+                self._parts[name] = _centered_ranks(hog_features(minmax01(abs_map))) if n else None
+
+    def compare(self, other: "PreparedMaps", similarities=None) -> Dict[str, np.ndarray]:
+        """Per-image similarities ``{metric: (N,)}`` with ``other`` (prepared the same way);
+        ``similarities``: a subset of those both were prepared with (default: all of mine)."""
+        if other.shape != self.shape:
+            raise ValueError(f"the two gradients differ in shape: {self.shape} vs {other.shape}")
+        if other.normalization != self.normalization:
+            raise ValueError(f"maps normalized differently: {self.normalization!r} vs {other.normalization!r}")
+        out: Dict[str, np.ndarray] = {}
+        for name in self.similarities if similarities is None else check_similarities(similarities):
+            if name not in self._parts or name not in other._parts:
+                raise ValueError(f"maps prepared without the {name!r} similarity")
+            a, b = self._parts[name], other._parts[name]
+            if name == "ssim":
+                out[name] = ssim(a, b)
+            elif a is None:  # no images
+                out[name] = np.zeros(0)
+            else:
+                out[name] = _correlate(a, b)
+        return out
+
+
 def compare(grad_a, grad_b, similarities=SIMILARITIES, normalization: str = "adebayo") -> Dict[str, np.ndarray]:
     """Per-image similarities ``{metric: (N,)}`` between two raw input gradients ``(N, C, H, W)``.
 
     ``normalization``: ``"adebayo"`` (99th-percentile grayscale / diverging) or ``"max"``
-    (divided by the max, as Quantus); see the table in the module docstring.
+    (divided by the max, as Quantus); see the table in the module docstring. Either side may
+    be a :class:`PreparedMaps` (prepared with these similarities and this normalization).
     """
     similarities = check_similarities(similarities)
-    abs_a, signed_a = normalized_maps(grad_a, normalization)
-    abs_b, signed_b = normalized_maps(grad_b, normalization)
-    if abs_a.shape != abs_b.shape:
-        raise ValueError(f"the two gradients differ in shape: {abs_a.shape} vs {abs_b.shape}")
-    out: Dict[str, np.ndarray] = {}
-    for name in similarities:
-        if name == "rank_abs":
-            out[name] = spearman(abs_a, abs_b)
-        elif name == "rank_noabs":
-            out[name] = spearman(signed_a, signed_b)
-        elif name == "ssim":
-            out[name] = ssim(minmax01(abs_a), minmax01(abs_b))
-        else:
-            out[name] = hog_similarity(minmax01(abs_a), minmax01(abs_b))
-    return out
+    a = grad_a if isinstance(grad_a, PreparedMaps) else PreparedMaps(grad_a, similarities, normalization)
+    b = grad_b if isinstance(grad_b, PreparedMaps) else PreparedMaps(grad_b, similarities, normalization)
+    for side in (a, b):
+        if side.normalization != normalization:
+            raise ValueError(f"maps prepared with normalization {side.normalization!r}, compared as {normalization!r}")
+    return a.compare(b, similarities)
 
 
 __all__ = [
     "SIMILARITIES",
     "NORMALIZATIONS",
+    "PreparedMaps",
     "SSIM_SETTINGS",
     "check_similarities",
     "compare",
