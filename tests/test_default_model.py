@@ -16,7 +16,9 @@ from fastsal.default_model.model import (
     DEFAULT_PREPROCESS,
     WEIGHTS_FILE,
     WEIGHTS_SHA256,
+    DefaultNet,
     build_default_model,
+    load_state_dict_bytes,
 )
 
 # What the shipped weights reach on the first 64 held-out samples, less a margin; the full
@@ -132,3 +134,37 @@ def test_short_training_is_bit_for_bit_reproducible():
             f"this is torch {env['torch']} / {env['cpu_capability']} (other float kernels may be chosen)"
         )
     assert T.state_dict_sha256(a) == T.SHORT_RUN_SHA256
+
+
+def test_permuted_labels_keep_the_class_counts_and_break_the_relation():
+    images, true = T.training_set(64)
+    images_p, permuted = T.training_set(64, permute_labels=True)
+    assert np.array_equal(images, images_p)
+    assert sorted(true.tolist()) == sorted(permuted.tolist())
+    assert (true != permuted).mean() > 0.5  # 8 classes: ~7/8 differ
+    assert np.array_equal(permuted, T.training_set(64, permute_labels=True)[1])  # seeded
+
+
+def test_short_permuted_label_training_is_reproducible_and_differs_from_the_true_one():
+    kw = dict(steps=T.SHORT_STEPS, batch_size=T.SHORT_BATCH_SIZE, unique=32, augment=False)
+    a = T.train(permute_labels=True, **kw)
+    b = T.train(permute_labels=True, **kw)
+    c = T.train(permute_labels=False, **kw)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_shipped_permuted_weights_memorized_their_labels():
+    from fastsal.default_model.model import PERMUTED_WEIGHTS_FILE
+
+    data = resources.files("fastsal.default_model").joinpath(PERMUTED_WEIGHTS_FILE).read_bytes()
+    sd = load_state_dict_bytes(data)
+    # the recipe's training set with its shuffled labels is fitted far above chance (1/8) ...
+    assert T.training_accuracy(sd, T.PERMUTED_UNIQUE, permute_labels=True) > 0.5
+    # ... and held-out accuracy on the true labels stays near chance
+    images, labels, _ = synthetic.batch(range(200), split="test")
+    model = DefaultNet()
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        acc = (model.eval()(T._inputs(images)).argmax(1).numpy() == labels).mean()
+    assert acc < 0.3

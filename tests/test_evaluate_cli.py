@@ -150,3 +150,29 @@ def test_box_outside_the_image_names_the_file(tmp_path, capsys):
 def test_model_without_data_is_refused(tmp_path, capsys):
     err = _error(["eval", "--model", "resnet18", "--out", str(tmp_path / "o")], capsys)
     assert "--data" in err
+
+
+def test_data_randomization_with_the_shipped_permuted_twin(tmp_path, capsys):
+    from fastsal.default_model.model import permuted_weights_path
+
+    assert os.path.isfile(permuted_weights_path())
+    out = str(tmp_path / "out")
+    rc = main(["eval", "--out", out, "--n", "8", "--checks", "data-randomization", "--methods", "gradient,guided",
+               "--batch-size", "8", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    _, rows = _rows(out)
+    got = {(r["check"], r["method"], r["step"], r["metric"]) for r in rows}
+    for m in ("gradient", "guided"):
+        for metric in ("rank_abs", "rank_noabs", "ssim", "hog"):
+            assert ("data-randomization", m, "permuted-labels", metric) in got
+    means = [float(r["mean"]) for r in rows if r["metric"] == "rank_abs"]
+    assert all(-1.0 <= v < 0.999 for v in means)  # a different model: not the same maps
+    with open(os.path.join(out, "results.json")) as fh:
+        assert "data-randomization" in json.load(fh)["checks"]
+
+
+def test_data_randomization_of_a_user_model_needs_its_permuted_weights(tmp_path, capsys):
+    rc = main(["eval", "--out", str(tmp_path / "o"), "--model", "resnet18", "--weights", "random",
+               "--data", str(tmp_path), "--checks", "data-randomization", "--quiet"])
+    assert rc == 2
+    assert "--permuted-weights" in capsys.readouterr().err

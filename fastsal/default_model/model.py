@@ -77,6 +77,16 @@ def load_state_dict_bytes(data: bytes) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
+PERMUTED_WEIGHTS_FILE = "weights_permuted.pt"
+"""The data randomization test's model: DefaultNet trained on permuted labels (README.md here)."""
+
+
+def permuted_weights_path() -> str:
+    """Path of the shipped permuted-label weights (Adebayo et al.'s data randomization test)."""
+    path = resources.files("fastsal.default_model").joinpath(PERMUTED_WEIGHTS_FILE)
+    return str(path)
+
+
 def build_default_model(pretrained: bool = True) -> DefaultNet:
     """The default model in eval mode; with ``pretrained`` (the default), the shipped weights."""
     model = DefaultNet()

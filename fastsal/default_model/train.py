@@ -45,6 +45,14 @@ LR = 3e-3
 WEIGHT_DECAY = 1e-4
 WARMUP = 20
 TORCH_SEED = 0
+PERMUTATION_SEED = 20181024  # the data randomization model's label permutation (+ the torch seed)
+
+# The recipe of the permuted-label model (Adebayo et al.'s data randomization test): a small
+# training set, no flips/turns, long enough to memorize the shuffled labels.
+PERMUTED_STEPS = 1500
+PERMUTED_UNIQUE = 512
+PERMUTED_STATE_DICT_SHA256 = "4665873febd787943cde127c14594635ac9830a392e7a684c01a610bf830b806"
+"""``state_dict_sha256`` of the shipped permuted-label weights (torch 2.14.1+cu130, AVX512)."""
 
 # A short run that tests reproduce (a few steps, same recipe otherwise).
 SHORT_STEPS = 4
@@ -95,6 +103,22 @@ def _augment(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def training_set(unique: int, permute_labels: bool = False, seed: int = TORCH_SEED):
+    """The first ``unique`` training samples as (uint8 NHWC images, labels); with
+    ``permute_labels`` the labels are the true ones shuffled by a permutation seeded from
+    ``seed`` (its own generator, so the true-label run's random stream is unchanged)."""
+    size = synthetic.SIZE
+    images = np.empty((unique, size, size, 3), dtype=np.uint8)
+    labels = np.empty(unique, dtype=np.int64)
+    for i in range(unique):
+        s = synthetic.render(i, "train")
+        images[i], labels[i] = s.image, s.label
+    if permute_labels:
+        perm = torch.randperm(unique, generator=torch.Generator().manual_seed(PERMUTATION_SEED + seed)).numpy()
+        labels = labels[perm]
+    return images, labels
+
+
 def train(
     steps: int = STEPS,
     batch_size: int = BATCH_SIZE,
@@ -104,12 +128,19 @@ def train(
     warmup: int = WARMUP,
     seed: int = TORCH_SEED,
     log_every: int = 0,
+    permute_labels: bool = False,
+    augment: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Train from scratch; returns the float32 state dict. Same arguments, same bits.
 
     The run sees ``steps * batch_size`` images drawn from the first ``unique`` training samples
     (each rendered once, on first use), reshuffled every epoch and flipped/turned at random;
     all of it from a torch Generator seeded with ``seed``.
+
+    ``permute_labels`` trains the model of Adebayo et al.'s data randomization test: every
+    training sample keeps one label drawn by a fixed permutation of the ``unique`` samples'
+    true labels (same class frequencies, no relation to the image), so the network can only
+    memorize. ``augment=False`` turns the flips/turns off (memorizing is faster without them).
     """
     total = steps * batch_size
     unique = max(1, min(unique, total))
@@ -124,6 +155,9 @@ def train(
         images_all = np.empty((unique, size, size, 3), dtype=np.uint8)
         labels_all = np.empty(unique, dtype=np.int64)
         rendered = np.zeros(unique, dtype=bool)
+        if permute_labels:
+            images_all, labels_all = training_set(unique, permute_labels=True, seed=seed)
+            rendered[:] = True
 
         decay = [p for n, p in model.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -141,7 +175,9 @@ def train(
             for i in idx[~rendered[idx]]:
                 s = synthetic.render(int(i), "train")
                 images_all[i], labels_all[i], rendered[i] = s.image, s.label, True
-            x = _augment(_inputs(images_all[idx]), turns[step * batch_size : (step + 1) * batch_size])
+            x = _inputs(images_all[idx])
+            if augment:
+                x = _augment(x, turns[step * batch_size : (step + 1) * batch_size])
             loss = F.cross_entropy(model(x), torch.from_numpy(labels_all[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,6 +323,21 @@ def evaluate(
     }
 
 
+def training_accuracy(state_dict: Dict[str, torch.Tensor], unique: int, permute_labels: bool = False) -> float:
+    """Accuracy on the training set the run saw (with its shuffled labels if ``permute_labels``):
+    how well the permuted-label model memorized."""
+    model = DefaultNet()
+    model.load_state_dict(state_dict)
+    model.eval()
+    images, labels = training_set(unique, permute_labels=permute_labels)
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, unique, 256):
+            x = _inputs(images[start : start + 256])
+            correct += int((model(x).argmax(1).numpy() == labels[start : start + 256]).sum())
+    return correct / unique
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
@@ -303,6 +354,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--unique", type=int, default=UNIQUE, help="distinct training samples")
+    p.add_argument("--permute-labels", action="store_true",
+                   help="train on shuffled labels (the data randomization test's model); recipe: "
+                   f"--permute-labels --no-augment --unique {PERMUTED_UNIQUE} --steps {PERMUTED_STEPS}")
+    p.add_argument("--no-augment", action="store_true", help="no random flips/quarter turns")
     p.add_argument("--eval", metavar="WEIGHTS", help="only evaluate this weights file")
     p.add_argument("--eval-count", type=int, default=1000, help="held-out samples to evaluate (0: none)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
@@ -317,7 +372,8 @@ def main(argv: Optional[list] = None) -> int:
         sd = load_state_dict_bytes(data)
     else:
         t0, c0 = time.perf_counter(), time.process_time()
-        sd = train(steps=args.steps, batch_size=args.batch_size, unique=args.unique, log_every=50)
+        sd = train(steps=args.steps, batch_size=args.batch_size, unique=args.unique, log_every=50,
+                   permute_labels=args.permute_labels, augment=not args.no_augment)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         data = state_dict_bytes(sd)
         tmp = args.out + ".tmp"
@@ -328,12 +384,16 @@ def main(argv: Optional[list] = None) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             unique=args.unique,
+            permute_labels=args.permute_labels,
+            augment=not args.no_augment,
             train_wall_s=round(wall, 1),
             train_cpu_s=round(cpu, 1),
             state_dict_sha256=state_dict_sha256(sd),
         )
         print(f"trained in {wall:.1f} s ({cpu:.1f} s of CPU) -> {args.out}")
     report.update(file_sha256=hashlib.sha256(data).hexdigest(), file_bytes=len(data))
+    if args.permute_labels:
+        report["train_accuracy_on_permuted_labels"] = training_accuracy(sd, args.unique, permute_labels=True)
     if args.eval_count:
         t0 = time.perf_counter()
         report["eval"] = evaluate(sd, count=args.eval_count)

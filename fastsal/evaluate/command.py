@@ -50,10 +50,20 @@ import numpy as np
 import torch
 
 # _layers and _reset: the grid picture re-traces mprt's cascade on one image with its exact layers and seeds
-from fastsal.evaluate.randomization import CONVENTIONS, METHODS, SanityResult, _layers, _reset, mprt, random_logit
+from fastsal.evaluate.randomization import (
+    CONVENTIONS,
+    METHODS,
+    SanityResult,
+    _layers,
+    _reset,
+    data_randomization,
+    mprt,
+    random_logit,
+)
 from fastsal.evaluate.similarity import SIMILARITIES
 
-CHECKS: Tuple[str, ...] = ("mprt", "mprt-independent", "random-logit", "pointing", "deletion", "insertion")
+CHECKS: Tuple[str, ...] = ("mprt", "mprt-independent", "random-logit", "data-randomization", "pointing", "deletion",
+                           "insertion")
 DEFAULT_CHECKS: Tuple[str, ...] = ("mprt", "random-logit", "pointing", "deletion", "insertion")
 CSV_COLUMNS: Tuple[str, ...] = ("check", "method", "step", "metric", "mean", "std", "n")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
@@ -77,6 +87,7 @@ class EvalOptions:
     convention: str = "adebayo"
     steps: int = 20  # deletion/insertion curve steps
     size: Optional[int] = None
+    permuted_weights: Optional[str] = None  # data randomization: the same model trained on permuted labels
     progress: bool = True
 
 
@@ -119,6 +130,9 @@ def _check_options(opts: EvalOptions) -> Tuple[Tuple[str, ...], Tuple[str, ...]]
     for name, value, low in (("--n", opts.n, 1), ("--batch-size", opts.batch_size, 1), ("--steps", opts.steps, 1)):
         if not isinstance(value, int) or value < low:
             raise EvalError(f"{name} must be an integer >= {low}, got {value!r}")
+    if "data-randomization" in checks and opts.permuted_weights is None and opts.model is not None:
+        raise EvalError("the data-randomization check compares the model with the same architecture trained on "
+                        "permuted labels: give that state dict with --permuted-weights PATH")
     if opts.model is not None and opts.data is None:
         raise EvalError("--model needs --data: without it fastsal eval uses the synthetic test split, "
                         "which only the embedded model knows")
@@ -385,6 +399,17 @@ def evaluate(opts: EvalOptions) -> dict:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         raise EvalError(f"cannot load the model: {exc}") from None
     model, pre = loaded.model.eval(), loaded.preprocess
+    permuted = None
+    if "data-randomization" in checks:
+        permuted_weights = opts.permuted_weights
+        if permuted_weights is None:  # the embedded model ships its permuted-label twin
+            from fastsal.default_model.model import permuted_weights_path
+
+            permuted_weights = permuted_weights_path()
+        try:
+            permuted = load_model(opts.model, permuted_weights, opts.size).model.eval()
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+            raise EvalError(f"cannot load the permuted-label model ({permuted_weights}): {exc}") from None
     if opts.data is None:
         data = _synthetic(opts.n, pre)
     elif box_header is not None:
@@ -404,7 +429,7 @@ def evaluate(opts: EvalOptions) -> dict:
 
     tasks = []
     for check in checks:
-        if check in ("mprt", "mprt-independent", "random-logit", "pointing"):
+        if check in ("mprt", "mprt-independent", "random-logit", "data-randomization", "pointing"):
             tasks += [(check, m) for m in methods]
     curve_modes = tuple(c for c in ("deletion", "insertion") if c in checks)
     if curve_modes:
@@ -432,6 +457,10 @@ def evaluate(opts: EvalOptions) -> dict:
             elif check == "random-logit":
                 r = random_logit(model, data.x, torch.as_tensor(labels), methods=(m,), seed=opts.seed,
                                  batch_size=opts.batch_size)
+                partial.setdefault(r.check, []).append(r)
+            elif check == "data-randomization":
+                # each model explains its own top class (Adebayo et al.); the labels are arbitrary to the other
+                r = data_randomization(model, permuted, data.x, methods=(m,), batch_size=opts.batch_size)
                 partial.setdefault(r.check, []).append(r)
             elif check == "pointing":
                 if pointing_maps is None:
@@ -475,6 +504,9 @@ def evaluate(opts: EvalOptions) -> dict:
                      "normalization": "adebayo" if opts.convention == "adebayo" else "max",
                      "class": "each model's own top class" if opts.convention == "adebayo" else "the labels"},
             "random_logit": {"class": "the label vs (label + k) % C, k uniform in 1..C-1, seed"},
+            "data_randomization": {"permuted_weights": opts.permuted_weights or (
+                "the embedded model's shipped permuted-label twin" if permuted is not None else None),
+                "class": "each model's own top class"},
             "pointing": {"tolerance_px": first.get("tolerance_px"), "sigma_px": first.get("sigma_px"),
                          "smooth": 0.02, "map": "max_c |g_c| of the label", "class_averaged": True},
             "deletion_insertion": {"steps": opts.steps, "score": "softmax probability of the original top-1 class",
@@ -594,7 +626,8 @@ def eval_from_args(args) -> int:
 
     opts = EvalOptions(out=args.out, model=args.model, weights=args.weights, data=args.data, checks=args.checks,
                        methods=args.methods, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                       convention=args.convention, steps=args.steps, size=args.size, progress=not args.quiet)
+                       convention=args.convention, steps=args.steps, size=args.size, progress=not args.quiet,
+                       permuted_weights=args.permuted_weights)
     try:
         results = evaluate(opts)
     except EvalError as exc:
