@@ -39,6 +39,21 @@ def relu_backward(grad: Tensor, bits: Tensor, rule: int) -> Tensor:
     return kernels_for(grad).relu_backward(grad, bits, rule)
 
 
+@_define("relu_family_forward")
+def relu_family_forward(x: Tensor, act: int, param: float, store_mask: bool) -> Tuple[Tensor, Tensor]:
+    return kernels_for(x).relu_family_forward(x, act, param, store_mask)
+
+
+@_define("relu_family_forward_", mutates_args=("x",))
+def relu_family_forward_(x: Tensor, act: int, param: float, store_mask: bool) -> Tensor:
+    return kernels_for(x).relu_family_forward_(x, act, param, store_mask)
+
+
+@_define("relu_family_backward")
+def relu_family_backward(grad: Tensor, bits: Tensor, rule: int, act: int, param: float) -> Tensor:
+    return kernels_for(grad).relu_family_backward(grad, bits, rule, act, param)
+
+
 @_define("max_pool2d_forward")
 def max_pool2d_forward(
     x: Tensor,
@@ -81,6 +96,13 @@ if not (triton_available() and hasattr(torch.library, "triton_op")):
         (relu_forward, _ref.relu_forward),
         (relu_forward_, lambda x, store_mask: _ref.pack_bits(x > 0) if store_mask else x.new_empty(0, dtype=torch.uint8)),
         (relu_backward, _ref.relu_backward),
+        (relu_family_forward, _ref.relu_family_forward),
+        (
+            relu_family_forward_,
+            lambda x, act, param, store_mask: _ref.pack_bits(_ref.family_mask(x, act, param))
+            if store_mask else x.new_empty(0, dtype=torch.uint8),
+        ),
+        (relu_family_backward, _ref.relu_family_backward),
         (max_pool2d_forward, _ref.max_pool2d_forward),
         (max_pool2d_backward, _ref.max_pool2d_backward),
     ):

@@ -5,8 +5,8 @@
   made under ``torch.inference_mode()`` are cloned once, since autograd cannot record them;
 * grad mode: the forward and backward run with grad enabled and inference mode off, so
   callers may be inside ``torch.no_grad()`` or ``torch.inference_mode()``;
-* the saliency twin of a model (:func:`fastsal.rewrite.rewrite`) is made once per rule and
-  reused; it is made again only when the model changed (train/eval, or a parameter or
+* the saliency twin of a model (:func:`fastsal.rewrite.rewrite`) is made once per rule (and
+  ``activations`` setting) and reused; it is made again only when the model changed (train/eval, or a parameter or
   buffer was replaced or modified in place), because folded BatchNorm copies weights.
 """
 
@@ -106,7 +106,9 @@ def run(fn, args: tuple, dtype: Optional[torch.dtype] = None):
         return fn(*args)
     device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
     with torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=False):
-        if not isinstance(fn, torch.nn.Module):
+        # a TorchScript module (plain autograd, no fastsal ops) needs no cast weights, and
+        # functional_call refuses jitted modules
+        if not isinstance(fn, torch.nn.Module) or isinstance(fn, torch.jit.ScriptModule):
             return fn(*args)
         params = {
             name: (p.to(dtype) if p.is_floating_point() else p)
@@ -131,14 +133,20 @@ def _fingerprint(model: torch.nn.Module):
 
 
 class TwinCache:
-    """The saliency twins of one model, one per rule, remade only when the model changed.
+    """The saliency twins of one model, one per rule and ``activations``, remade only when the model changed.
 
+    ``rewrite_kwargs`` go to :func:`fastsal.rewrite` (``activations=...``, ``filter_fn=...``);
+    ``get(rule, activations=...)`` overrides the ``activations`` given here for one call.
     Thread safe: concurrent callers get the same twin; making one is serialized.
     """
 
     def __init__(self, model: torch.nn.Module, **rewrite_kwargs):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if "activations" in rewrite_kwargs:  # a bad value fails here, not at the first call
+            from fastsal.rewrite import check_activations
+
+            rewrite_kwargs["activations"] = check_activations(rewrite_kwargs["activations"])
         self._model_ref = weakref.ref(model)
         self._kwargs = rewrite_kwargs
         self._lock = threading.Lock()
@@ -151,15 +159,17 @@ class TwinCache:
             raise RuntimeError("the model this explainer was made for no longer exists")
         return model
 
-    def get(self, rule) -> torch.nn.Module:
+    def get(self, rule, activations: Optional[str] = None) -> torch.nn.Module:
         rule = as_rule(rule)
+        kwargs = self._kwargs if activations is None else {**self._kwargs, "activations": activations}
+        which = (rule, kwargs.get("activations", "relu"))
         model = self.model
         key = _fingerprint(model)
-        entry = self._twins.get(rule)
+        entry = self._twins.get(which)
         if entry is not None and entry[0] == key:
             return entry[1]
         with self._lock:
-            entry = self._twins.get(rule)
+            entry = self._twins.get(which)
             if entry is not None and entry[0] == key:
                 return entry[1]
             from fastsal.rewrite import rewrite  # the rewriting pass (fastsal.rewrite)
@@ -167,8 +177,8 @@ class TwinCache:
             # never under the caller's inference mode: folded weights made there would be
             # inference tensors, which autograd refuses to save for the backward
             with torch.inference_mode(False), torch.no_grad():
-                twin = rewrite(model, rule, **self._kwargs)
-            self._twins[rule] = (key, twin)
+                twin = rewrite(model, rule, **kwargs)
+            self._twins[which] = (key, twin)
             return twin
 
 
@@ -186,10 +196,10 @@ def shared_twins(model: torch.nn.Module) -> TwinCache:
         return cache
 
 
-def twin_for(model, rule: Rule):
+def twin_for(model, rule: Rule, activations: str = "relu"):
     """The twin of a module, or the callable itself for the plain gradient of a non-module."""
     if isinstance(model, torch.nn.Module):
-        return shared_twins(model).get(rule)
+        return shared_twins(model).get(rule, activations)
     if as_rule(rule) is Rule.GRADIENT and callable(model):
         return model
     raise TypeError(

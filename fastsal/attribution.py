@@ -14,6 +14,12 @@ through the ReLU alone, so a ReLU whose input also feeds a skip connection is ri
 model is rewritten once (per rule) and the rewritten twin reused across calls; the
 user's model is never modified, not even temporarily (only NeuronGradient on a plain
 forward function hooks the given layer for the call, as Captum does).
+
+A TorchScript model (scripted or traced) works with ``Saliency``: the plain gradient needs no
+rewriting, so it is differentiated as it is, as Captum does. ``Deconvolution`` and
+``GuidedBackprop`` refuse it with a TypeError saying what works instead (Captum accepts it
+and silently returns the plain gradient, since its ReLU hooks never fire in scripted code),
+and so do the Neuron classes (a scripted module's layers cannot be hooked).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from fastsal import _layers
 from fastsal._pass import TwinCache, additional_args, as_tuple, check_inputs, grad_mode, leaf, plain, same_structure
+from fastsal._torchscript import is_torchscript, plain_autograd
 from fastsal.rules import Rule
 from fastsal.targets import TargetType, select
 
@@ -56,7 +63,7 @@ class _RuleAttribution:
 
     rule: Rule = Rule.GRADIENT
 
-    def __init__(self, forward_func: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, forward_func: Callable[..., torch.Tensor], *, activations: str = "relu") -> None:
         if not callable(forward_func):
             raise TypeError(f"expected a model or a forward function, got {type(forward_func).__name__}")
         if self.rule is not Rule.GRADIENT and not isinstance(forward_func, torch.nn.Module):
@@ -65,7 +72,11 @@ class _RuleAttribution:
                 f"got {type(forward_func).__name__}"
             )
         self.forward_func = forward_func
-        self._twins = TwinCache(forward_func) if isinstance(forward_func, torch.nn.Module) else None
+        # a TorchScript module with the gradient rule runs as it is, like a plain function
+        rewritable = isinstance(forward_func, torch.nn.Module) and not plain_autograd(
+            forward_func, self.rule, type(self).__name__
+        )
+        self._twins = TwinCache(forward_func, activations=activations) if rewritable else None
 
     @property
     def multiplies_by_inputs(self) -> bool:  # Captum's flag: these maps are not multiplied by the input
@@ -73,6 +84,10 @@ class _RuleAttribution:
 
     def has_convergence_delta(self) -> bool:  # Captum's API: no convergence delta for these methods
         return False
+
+    def attribute_future(self, *args, **kwargs):
+        """Not implemented, as in Captum (whose Neuron classes lack the method altogether)."""
+        raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__}")
 
     def _function(self) -> Callable[..., torch.Tensor]:
         """What runs the forward: the model's saliency twin, or a plain function as given."""
@@ -114,8 +129,8 @@ class Saliency(_RuleAttribution):
 class _ModelRuleAttribution(_RuleAttribution):
     """Deconvolution and GuidedBackprop: Captum's ``attribute`` without Saliency's ``abs``."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: torch.nn.Module, *, activations: str = "relu") -> None:
+        super().__init__(model, activations=activations)
 
     @_unlogged
     def attribute(self, inputs, target: TargetType = None, additional_forward_args: Any = None):
@@ -173,8 +188,14 @@ def select_neuron(value, selector: NeuronSelector) -> torch.Tensor:
 class _NeuronRuleAttribution(_RuleAttribution):
     """Attribution of one neuron (or a slice or function of neurons) of a layer to the inputs."""
 
-    def __init__(self, model, layer: torch.nn.Module, device_ids=None) -> None:
-        super().__init__(model)
+    def __init__(self, model, layer: torch.nn.Module, device_ids=None, *, activations: str = "relu") -> None:
+        if is_torchscript(model):
+            raise TypeError(
+                f"{type(self).__name__} needs the output of a layer as the model runs, and a TorchScript module's "
+                "layers run as compiled code that hooks cannot see (Captum fails on it too). Pass the Python model; "
+                "to reuse the scripted weights: model.load_state_dict(scripted.state_dict())"
+            )
+        super().__init__(model, activations=activations)
         if device_ids is not None:
             raise ValueError(
                 "device_ids (DataParallel) is not supported by fastsal: run one model per device instead"

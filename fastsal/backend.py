@@ -38,6 +38,9 @@ class _TritonKernels:
             ns.relu_forward = relu.relu_forward
             ns.relu_forward_ = relu.relu_forward_
             ns.relu_backward = relu.relu_backward
+            ns.relu_family_forward = relu.relu_family_forward
+            ns.relu_family_forward_ = relu.relu_family_forward_
+            ns.relu_family_backward = relu.relu_family_backward
             ns.max_pool2d_forward = maxpool.max_pool2d_forward
             ns.max_pool2d_backward = maxpool.max_pool2d_backward
             cls._loaded = ns

@@ -4,11 +4,16 @@
     with torch.no_grad():                      # fine: the explainer turns grad on for itself
         result = explainer.explain(images)     # target=None: explain the predicted classes
     result.logits, result.targets, result.maps # (N, C), (N,), (N, H, W)
+    top5 = explainer.explain(images, top_k=5)  # one forward, 5 backward passes
+    top5.targets, top5.maps                    # (N, 5), (N, 5, H, W)
 
 Guarantees:
 
 * one forward and one backward per call (per chunk of ``batch_size``), on the model's
-  saliency twin, made once and remade only when the model changed;
+  saliency twin, made once and remade only when the model changed; with K classes per
+  sample (``top_k=K`` or an ``(N, K)`` target), one forward and K backward passes;
+* a TorchScript model (scripted or traced) is explained with plain autograd for
+  ``method="gradient"`` (as Captum's ``Saliency``); the other rules refuse it;
 * works under ``torch.no_grad()``/``torch.inference_mode()`` and on inference tensors;
 * the caller's tensors (``.grad``, ``requires_grad``) and model are never touched;
 * safe to call from several threads at once (eager and compiled calls run concurrently;
@@ -40,10 +45,22 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from fastsal._backward import maps_of
 from fastsal._pass import TwinCache, check_dtype, check_inputs, grad_mode, leaf, run
-from fastsal.reductions import Reduction, apply_reduction, get_reduction
+from fastsal._torchscript import plain_autograd
+from fastsal.reductions import Reduction, get_reduction
 from fastsal.rules import RuleLike, as_rule
-from fastsal.targets import TargetType, classes_for, predicted, slice_target
+from fastsal.targets import (
+    TargetType,
+    check_multi_shape,
+    check_top_k,
+    classes_for,
+    classes_k,
+    is_multi,
+    predicted,
+    slice_target,
+    top_classes,
+)
 
 
 @dataclass(frozen=True)
@@ -51,8 +68,8 @@ class Explanation:
     """The result of :meth:`Explainer.explain`."""
 
     logits: torch.Tensor  # (N, C): the model's own outputs, detached
-    targets: torch.Tensor  # (N,) long: the classes explained (the argmax when target was None)
-    maps: torch.Tensor  # the reduced input gradient: (N, H, W) for "abs_max"
+    targets: torch.Tensor  # (N,) long: the classes explained (the argmax when target was None); (N, K) for K per sample
+    maps: torch.Tensor  # the reduced input gradient: (N, H, W) for "abs_max"; (N, K, H, W) for K classes per sample
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -65,25 +82,23 @@ def _check_logits(logits) -> torch.Tensor:
     return logits
 
 
-def _step(fn, x: torch.Tensor, target, reduce, channels_last: bool):
-    """One forward and one backward: ``(logits, classes, maps)``.
+def _step(fn, x: torch.Tensor, target, reduce, channels_last: bool, top_k: Optional[int] = None):
+    """One forward and one backward (K with ``top_k`` or K target columns): ``(logits, classes, maps)``.
 
-    ``target`` is None (the argmax), a long tensor ``(N,)`` of checked class indices, or a
-    function of the logits that gives one (it checks a user's target against the logits).
+    ``target`` is None (the argmax, or the ``top_k`` largest logits), a long tensor ``(N,)``
+    or ``(N, K)`` of checked class indices, or a function of the logits that gives one (it
+    checks a user's target against the logits).
     """
     with grad_mode():
         xl = leaf(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         logits = _check_logits(fn(xl))
-        if target is None:
+        if top_k is not None:
+            classes = top_classes(logits, top_k)
+        elif target is None:
             classes = predicted(logits)
         else:
             classes = target(logits) if callable(target) else target
-        picked = logits.gather(1, classes[:, None])
-        if picked.requires_grad:
-            (grad,) = torch.autograd.grad(picked.sum(), xl)
-        else:
-            grad = torch.zeros_like(xl)
-        maps = apply_reduction(grad, reduce)
+        maps = maps_of(logits, classes, xl, reduce)
     return logits.detach(), classes, maps
 
 
@@ -97,16 +112,17 @@ class _GraphStep:
     invalidating it.
     """
 
-    def __init__(self, fn, example: torch.Tensor, given_targets: bool, reduce, channels_last: bool):
+    def __init__(self, fn, example: torch.Tensor, given_targets: Optional[tuple], top_k, reduce, channels_last: bool):
         device = example.device
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         with torch.cuda.device(device):
             self.static_x = torch.empty_like(example, memory_format=fmt)
             self.static_x.copy_(example)
+            # given_targets: the shape of the given classes, (N,) or (N, K); None for argmax/top_k
             self.static_targets = (
-                torch.zeros(example.shape[0], dtype=torch.long, device=device) if given_targets else None
+                torch.zeros(given_targets, dtype=torch.long, device=device) if given_targets is not None else None
             )
-            step = lambda: _step(fn, self.static_x, self.static_targets, reduce, False)  # noqa: E731
+            step = lambda: _step(fn, self.static_x, self.static_targets, reduce, False, top_k)  # noqa: E731
             # warm up on a side stream (lazy initialisation, cuDNN/cuBLAS handles, autotuning)
             side = torch.cuda.Stream(device=device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -162,6 +178,8 @@ class Explainer:
         compile: ``True`` or a dict of ``torch.compile`` arguments to compile the twin.
         cuda_graph: capture and replay CUDA graphs for fixed shapes (CUDA inputs only).
         max_graphs: how many captured shapes to keep (least recently used dropped first).
+        activations: ``"relu"`` (the ReLU family gets the rule) or ``"all"`` (smooth activations
+            too: SiLU, GELU, ...); see :func:`fastsal.rewrite`.
     """
 
     def __init__(
@@ -177,10 +195,13 @@ class Explainer:
         compile: Union[bool, dict] = False,
         cuda_graph: bool = False,
         max_graphs: int = 4,
+        activations: str = "relu",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.rule = as_rule(method)
+        # a TorchScript model and the gradient: differentiated as it is (other rules raise here)
+        self._plain = plain_autograd(model, self.rule, f"Explainer(method={str(self.rule)!r})")
         get_reduction(reduce)
         check_dtype(dtype)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -196,7 +217,7 @@ class Explainer:
         self.compile = compile
         self.cuda_graph = bool(cuda_graph)
         self.max_graphs = int(max_graphs)
-        self._twins = TwinCache(model)
+        self._twins = TwinCache(model, activations=activations)
         self._lock = threading.Lock()  # guards the compiled function and the CUDA graphs
         self._fn = None  # (twin, the forward function made for it)
         self._graphs: "collections.OrderedDict[tuple, _GraphStep]" = collections.OrderedDict()
@@ -205,7 +226,7 @@ class Explainer:
     # -- the function that runs the forward --------------------------------------------
     def _function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """``x -> logits`` on the current twin (in ``dtype``; compiled if asked)."""
-        twin = self._twins.get(self.rule)
+        twin = self.model if self._plain else self._twins.get(self.rule)
         current = self._fn
         if current is not None and current[0] is twin:
             return current[1]
@@ -234,61 +255,80 @@ class Explainer:
         return x.dim() == 4 and x.is_cuda and self.dtype in (torch.float16, torch.bfloat16)
 
     # -- public --------------------------------------------------------------------------
-    def explain(self, inputs: torch.Tensor, target: TargetType = None) -> Explanation:
+    def explain(self, inputs: torch.Tensor, target: TargetType = None, *, top_k: Optional[int] = None) -> Explanation:
         """Logits, the targets explained, and their maps for a batch ``inputs`` ``(N, C, H, W)``.
 
-        ``target``: None (each sample's predicted class), an int, or one class per sample
-        (list or 1-D tensor).
+        ``target``: None (each sample's predicted class), an int, one class per sample (list
+        or 1-D tensor), or K classes per sample (an ``(N, K)`` integer tensor or a list of N
+        lists of K ints). ``top_k=K`` (with ``target=None``): each sample's K largest logits,
+        largest first. With K classes per sample, ``targets`` is ``(N, K)`` and ``maps``
+        ``(N, K, H, W)`` (for ``"abs_max"``), from one forward and K backward passes.
         """
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+        if top_k is not None:
+            check_top_k(top_k, target)
         check_inputs((inputs,), self.check_finite)
         n = inputs.shape[0] if inputs.dim() else 0
         if inputs.dim() < 2:
             raise ValueError(f"inputs must be a batch (N, ...), got shape {tuple(inputs.shape)}")
+        if is_multi(target):
+            check_multi_shape(target, n)  # before chunking, which slices the rows
         step = n if self.batch_size is None or self.batch_size >= n else self.batch_size
         if step == n or n == 0:
-            return self._explain_chunk(inputs, target, n)
+            return self._explain_chunk(inputs, target, n, top_k)
         parts = []
         for start in range(0, n, step):
             stop = min(start + step, n)
-            parts.append(self._explain_chunk(inputs[start:stop], slice_target(target, start, stop, n), stop - start))
+            part_target = slice_target(target, start, stop, n)
+            parts.append(self._explain_chunk(inputs[start:stop], part_target, stop - start, top_k))
         return Explanation(
             torch.cat([p.logits for p in parts]), torch.cat([p.targets for p in parts]), torch.cat([p.maps for p in parts])
         )
 
     __call__ = explain
 
-    def _explain_chunk(self, x: torch.Tensor, target: TargetType, n: int) -> Explanation:
+    def _explain_chunk(self, x: torch.Tensor, target: TargetType, n: int, top_k: Optional[int] = None) -> Explanation:
         fn = self._function()
         cl = self._uses_channels_last(x)
         if self.cuda_graph:
             if x.is_cuda:
-                return self._explain_graph(fn, x, target, n, cl)
+                return self._explain_graph(fn, x, target, n, cl, top_k)
             if not self._warned_cpu_graph:
                 self._warned_cpu_graph = True
                 warnings.warn("Explainer(cuda_graph=True) got CPU inputs: running eagerly", RuntimeWarning, stacklevel=3)
         if target is None:
-            logits, classes, maps = _step(fn, x, None, self.reduce, cl)
+            logits, classes, maps = _step(fn, x, None, self.reduce, cl, top_k)
         else:
             # the number of classes is known once the forward ran: the target is checked then
-            check = lambda logits: classes_for(target, n, logits.shape[1], logits.device)  # noqa: E731
+            check = lambda logits: _classes(target, n, logits.shape[1], logits.device)  # noqa: E731
             logits, classes, maps = _step(fn, x, check, self.reduce, cl)
         return Explanation(logits, classes, maps)
 
-    def _explain_graph(self, fn, x, target, n, cl) -> Explanation:
-        key = (tuple(x.shape), x.dtype, x.device, target is not None, cl)
+    def _explain_graph(self, fn, x, target, n, cl, top_k=None) -> Explanation:
+        if target is None:
+            given = None
+        else:
+            given = (n, check_multi_shape(target, n)) if is_multi(target) else (n,)
+        key = (tuple(x.shape), x.dtype, x.device, given, top_k, cl)
         with self._lock:
             graph = self._graphs.get(key)
             if graph is None:
-                graph = _GraphStep(fn, x, target is not None, self.reduce, cl)
+                graph = _GraphStep(fn, x, given, top_k, self.reduce, cl)
                 self._graphs[key] = graph
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)[1].release()
             else:
                 self._graphs.move_to_end(key)
-            classes = None if target is None else classes_for(target, n, graph.num_classes, x.device)
+            classes = None if target is None else _classes(target, n, graph.num_classes, x.device)
             return graph(x, classes)
+
+
+def _classes(target, n: int, num_classes: int, device) -> torch.Tensor:
+    """A user's target, checked against the logits: ``(n,)`` or, for K classes per sample, ``(n, K)``."""
+    if is_multi(target):
+        return classes_k(target, n, num_classes, device)
+    return classes_for(target, n, num_classes, device)
 
 
 __all__ = ["Explainer", "Explanation"]

@@ -2,8 +2,10 @@
 
 Module swaps cannot reach ``F.relu(x)`` written inside a ``forward`` (torchvision's GoogLeNet,
 Inception and DenseNet do this), so the rewritten model runs its forward inside
-:class:`SaliencyMode`, which sees every torch function call and sends the ReLU, max-pool,
-conv, linear and eval batch-norm calls to fastsal's ops.
+:class:`SaliencyMode`, which sees every torch function call and sends the ReLU-family
+(relu, relu6, hardtanh with min_val 0, leaky_relu, in place or not), max-pool, conv, linear and
+eval batch-norm calls to fastsal's ops, and with ``activations="all"`` the smooth activations
+(silu, gelu, ...) to :mod:`fastsal.smooth`.
 
 Why a mode and not patching ``torch.nn.functional``: modes are thread-local, so two threads
 running two rewritten models (two rules) never see each other's rule, and nothing outside
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fastsal import ops
+from fastsal import ops, smooth
 from fastsal.bn import eval_batch_norm
 from fastsal.report import KEPT, NO_RULE, RELU_LIKE, RewriteReport
 from fastsal.rules import Rule
@@ -126,6 +128,91 @@ def _batch_norm(rule, args, kwargs):
     return eval_batch_norm(x, mean, var, weight, bias, _arg(args, kwargs, 7, "eps", 1e-5))
 
 
+class _Declined:
+    """A handler's answer for a call it recognises but must leave alone: the report's category and why."""
+
+    def __init__(self, category: str, why: str):
+        self.category, self.why = category, why
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _clipped(rule, x, max_value, inplace):
+    if not _float_tensor(x):
+        return None
+    return ops.clipped_relu(x, rule, float(max_value), inplace=bool(inplace))
+
+
+def _f_relu6(rule, args, kwargs):
+    return _clipped(rule, _arg(args, kwargs, 0, "input", None), 6.0, _arg(args, kwargs, 1, "inplace", False))
+
+
+def _hardtanh_call(rule, args, kwargs, inplace):
+    low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+    if not (_number(low) and _number(high)):
+        return None
+    if low != 0:
+        return _Declined(NO_RULE, f"hardtanh with min_val={low:g} is not ReLU-like (a clipped ReLU has min_val 0): "
+                                  "ordinary gradient")
+    if not high > 0:
+        return None
+    return _clipped(rule, _arg(args, kwargs, 0, "input", None), high, inplace)
+
+
+def _f_hardtanh(rule, args, kwargs):
+    return _hardtanh_call(rule, args, kwargs, _arg(args, kwargs, 3, "inplace", False))
+
+
+def _hardtanh_in_place(rule, args, kwargs):
+    return _hardtanh_call(rule, args, kwargs, True)
+
+
+def _leaky(rule, args, kwargs, inplace):
+    x, slope = _arg(args, kwargs, 0, "input", None), _arg(args, kwargs, 1, "negative_slope", 0.01)
+    if not _float_tensor(x) or not _number(slope):
+        return None
+    return ops.leaky_relu(x, rule, float(slope), inplace=bool(inplace))
+
+
+def _f_leaky_relu(rule, args, kwargs):
+    return _leaky(rule, args, kwargs, _arg(args, kwargs, 2, "inplace", False))
+
+
+def _leaky_relu_in_place(rule, args, kwargs):
+    return _leaky(rule, args, kwargs, True)
+
+
+def _smooth(name: str, params: Callable[[tuple, dict], tuple], inplace: Callable[[tuple, dict], bool]):
+    """A handler for a smooth activation: ``params``/``inplace`` read the call's own arguments."""
+
+    def handler(rule, args, kwargs):
+        x = _arg(args, kwargs, 0, "input", None)
+        p = params(args, kwargs)
+        if not _float_tensor(x) or not all(_number(v) or isinstance(v, str) for v in p):
+            return None
+        return smooth.activation(x, rule, name, p, bool(inplace(args, kwargs)))
+
+    return handler
+
+
+def _no_params(args, kwargs):
+    return ()
+
+
+def _alpha(args, kwargs):
+    return (_arg(args, kwargs, 1, "alpha", 1.0),)
+
+
+def _inplace_at(index: int):
+    return lambda args, kwargs: _arg(args, kwargs, index, "inplace", False)
+
+
+def _always(args, kwargs):
+    return True
+
+
 def _clamp_is_relu_like(args, kwargs) -> bool:
     low = _arg(args, kwargs, 1, "min", None)
     return isinstance(low, (int, float)) and low == 0
@@ -147,24 +234,54 @@ _REWRITTEN: Dict[Any, Tuple[str, Handler, str]] = {
     torch.conv2d: ("F.conv2d", _conv2d, "its weight needs grad (computed from the input?), or not 3-D/4-D"),
     F.linear: ("F.linear", _linear, "its weight needs grad (computed from the input?)"),
     F.batch_norm: ("F.batch_norm", _batch_norm, "training mode (batch statistics)"),
+    # the rest of the ReLU family: one mask bit per element, as ReLU
+    F.relu6: ("F.relu6", _f_relu6, "not a floating-point tensor"),
+    F.hardtanh: ("F.hardtanh", _f_hardtanh, "bounds not numbers, or not a floating-point tensor"),
+    F.hardtanh_: ("F.hardtanh_", _hardtanh_in_place, "bounds not numbers, or not a floating-point tensor"),
+    F.leaky_relu: ("F.leaky_relu", _f_leaky_relu, "slope not a number, or not a floating-point tensor"),
+    F.leaky_relu_: ("F.leaky_relu_", _leaky_relu_in_place, "slope not a number, or not a floating-point tensor"),
+}
+# what a rewritten call becomes, in the report (default: "fastsal <name>"), and the calls that apply the rule
+_ACTION = {F.relu6: "fastsal clipped_relu", F.hardtanh: "fastsal clipped_relu", F.hardtanh_: "fastsal clipped_relu",
+           F.leaky_relu: "fastsal leaky_relu", F.leaky_relu_: "fastsal leaky_relu"}
+_RULE_SITES = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, torch.ops.aten.relu.default,
+               torch.ops.aten.relu_.default, *_ACTION}
+
+# smooth activations: rewritten only with activations="all" (fastsal.smooth); reported otherwise
+_SMOOTH: Dict[Any, Tuple[str, Handler]] = {
+    F.silu: ("F.silu", _smooth("silu", _no_params, _inplace_at(1))),
+    F.gelu: ("F.gelu", _smooth("gelu", lambda a, k: (_arg(a, k, 1, "approximate", "none"),), lambda a, k: False)),
+    F.hardswish: ("F.hardswish", _smooth("hardswish", _no_params, _inplace_at(1))),
+    F.mish: ("F.mish", _smooth("mish", _no_params, _inplace_at(1))),
+    F.elu: ("F.elu", _smooth("elu", _alpha, _inplace_at(2))),
+    F.elu_: ("F.elu_", _smooth("elu", _alpha, _always)),
+    F.celu: ("F.celu", _smooth("celu", _alpha, _inplace_at(2))),
+    torch.celu: ("torch.celu", _smooth("celu", _alpha, lambda a, k: False)),
+    torch.celu_: ("torch.celu_", _smooth("celu", _alpha, _always)),
+    F.selu: ("F.selu", _smooth("selu", _no_params, _inplace_at(1))),
+    torch.selu: ("torch.selu", _smooth("selu", _no_params, lambda a, k: False)),
+    torch.selu_: ("torch.selu_", _smooth("selu", _no_params, _always)),
+    F.softplus: ("F.softplus", _smooth("softplus", lambda a, k: (_arg(a, k, 1, "beta", 1.0), _arg(a, k, 2, "threshold", 20.0)),
+                                       lambda a, k: False)),
 }
 _REWRITTEN_CATEGORY = {F.max_pool2d: KEPT, torch.max_pool2d: KEPT, torch.conv2d: KEPT, F.linear: KEPT, F.batch_norm: KEPT}
 
 # calls fastsal leaves alone but reports: func -> (name, category, why)
 _REPORTED: Dict[Any, Tuple[str, str, str]] = {
-    F.relu6: ("F.relu6", RELU_LIKE, "ReLU-like clamp with no saliency rule: ordinary gradient"),
-    F.hardtanh: ("F.hardtanh", RELU_LIKE, "ReLU-like clamp with no saliency rule: ordinary gradient"),
     F.threshold: ("F.threshold", RELU_LIKE, "ReLU-like with no saliency rule: ordinary gradient"),
     F.max_pool2d_with_indices: ("F.max_pool2d_with_indices", KEPT, "returns indices: plain autograd pool"),
 }
-for _func, _name in (
-    (F.silu, "F.silu"), (F.gelu, "F.gelu"), (F.elu, "F.elu"), (F.selu, "F.selu"), (F.celu, "F.celu"),
-    (F.leaky_relu, "F.leaky_relu"), (F.prelu, "F.prelu"), (F.rrelu, "F.rrelu"), (F.mish, "F.mish"),
-    (F.hardswish, "F.hardswish"), (F.hardsigmoid, "F.hardsigmoid"), (F.softplus, "F.softplus"),
-    (torch.sigmoid, "torch.sigmoid"), (Tensor.sigmoid, "Tensor.sigmoid"), (torch.tanh, "torch.tanh"),
-    (Tensor.tanh, "Tensor.tanh"),
+SMOOTH_LEFT = "smooth activation, given the rule only with activations='all': ordinary gradient"
+GATE_LEFT = "saturating gate (squeeze-excitation, attention) with no saliency rule: ordinary gradient"
+for _func, (_name, _handler) in _SMOOTH.items():
+    _REPORTED[_func] = (_name, NO_RULE, SMOOTH_LEFT)
+for _func, _name, _why in (
+    (F.prelu, "F.prelu", "activation with no saliency rule: ordinary gradient"),
+    (F.rrelu, "F.rrelu", "activation with no saliency rule: ordinary gradient"),
+    (F.hardsigmoid, "F.hardsigmoid", GATE_LEFT), (torch.sigmoid, "torch.sigmoid", GATE_LEFT),
+    (Tensor.sigmoid, "Tensor.sigmoid", GATE_LEFT), (torch.tanh, "torch.tanh", GATE_LEFT), (Tensor.tanh, "Tensor.tanh", GATE_LEFT),
 ):
-    _REPORTED[_func] = (_name, NO_RULE, "activation with no saliency rule: ordinary gradient")
+    _REPORTED[_func] = (_name, NO_RULE, _why)
 _CLAMPS = {torch.clamp: "torch.clamp", Tensor.clamp: "Tensor.clamp", torch.clamp_min: "torch.clamp_min",
            Tensor.clamp_min: "Tensor.clamp_min"}
 
@@ -194,11 +311,13 @@ class SaliencyMode(TorchFunctionMode):
     calls run as they are, hidden from any SaliencyMode further down the stack.
     """
 
-    def __init__(self, rule: Optional[Rule], report: Optional[RewriteReport] = None, strict: bool = False):
+    def __init__(self, rule: Optional[Rule], report: Optional[RewriteReport] = None, strict: bool = False,
+                 activations: str = "relu"):
         super().__init__()
         self.rule = rule
         self.report = report
         self.strict = strict
+        self.smooth = activations == "all"  # smooth activations get the rule too
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -208,13 +327,20 @@ class SaliencyMode(TorchFunctionMode):
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
         rewritten = _REWRITTEN.get(func)
+        if rewritten is None and self.smooth and func in _SMOOTH:
+            rewritten = (*_SMOOTH[func], "not a floating-point tensor, or parameters not numbers")
         if rewritten is not None:
             name, handler, why_not = rewritten
             out = handler(self.rule, args, kwargs)
-            if out is not None:
-                self._record(name, f"fastsal {name.split('.')[-1].rstrip('_')}" + self._rule_suffix(name), None)
+            if isinstance(out, torch.Tensor):
+                rule_site = func in _RULE_SITES or func in _SMOOTH
+                action = _ACTION.get(func, f"fastsal {name.split('.')[-1].rstrip('_')}")
+                self._record(name, action + (f" ({self.rule})" if rule_site else ""), None, rule_site)
                 return out
-            self._record(name, why_not, _REWRITTEN_CATEGORY.get(func, KEPT))
+            if isinstance(out, _Declined):
+                self._record(name, out.why, out.category)
+            else:
+                self._record(name, why_not, _REWRITTEN_CATEGORY.get(func, NO_RULE if func in _SMOOTH else KEPT))
             return func(*args, **kwargs)
         reported = _REPORTED.get(func)
         if reported is not None:
@@ -223,10 +349,7 @@ class SaliencyMode(TorchFunctionMode):
             self._record(_CLAMPS[func], "clamp at 0 (ReLU-like) with no saliency rule: ordinary gradient", RELU_LIKE)
         return func(*args, **kwargs)
 
-    def _rule_suffix(self, name: str) -> str:
-        return f" ({self.rule})" if "relu" in name else ""
-
-    def _record(self, kind: str, action: str, category: Optional[str]) -> None:
+    def _record(self, kind: str, action: str, category: Optional[str], rule_site: bool = False) -> None:
         if self.report is None or torch.compiler.is_compiling():
             return
         where = _call_site()
@@ -237,4 +360,4 @@ class SaliencyMode(TorchFunctionMode):
                 f"strict rewrite: {kind} at {where} is ReLU-like but has no saliency rule, so it would keep its "
                 "ordinary gradient; replace it with a ReLU, or rewrite with strict=False to accept that"
             )
-        self.report.add_call(where, kind, action, category)
+        self.report.add_call(where, kind, action, category, rule_site)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsal import ops
+from fastsal import ops, smooth
 from fastsal.bn import eval_batch_norm, fold_into_conv
 from fastsal.rules import Rule, RuleLike, as_rule
 
@@ -44,6 +44,98 @@ class SaliencyReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}" + (", inplace=True" if self.inplace else "")
+
+
+class SaliencyClippedReLU(nn.Module):
+    """``nn.ReLU6`` / ``nn.Hardtanh(0, max_value)`` whose backward applies a saliency rule (1 bit per element).
+
+    Not fused with a following max-pool: clipping makes ties at ``max_value``, and the switch of
+    a pool after the clip then differs from the one a pool before it would pick.
+    """
+
+    def __init__(self, rule: RuleLike, max_value: float = 6.0, inplace: bool = False):
+        super().__init__()
+        self.rule = as_rule(rule)
+        self.max_value = float(max_value)
+        self.inplace = bool(inplace)
+
+    @classmethod
+    def from_hardtanh(cls, module: nn.Hardtanh, rule: RuleLike) -> "SaliencyClippedReLU":
+        """From an ``nn.Hardtanh`` whose ``min_val`` is 0 (``nn.ReLU6`` is one)."""
+        if module.min_val != 0:
+            raise ValueError(f"a Hardtanh with min_val={module.min_val} is not a clipped ReLU (min_val must be 0)")
+        new = cls(rule, module.max_val, module.inplace)
+        new.training = module.training
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.clipped_relu(x, self.rule, self.max_value, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, max_value={self.max_value:g}" + (", inplace=True" if self.inplace else "")
+
+
+class SaliencyLeakyReLU(nn.Module):
+    """``nn.LeakyReLU`` whose backward applies a saliency rule (1 bit per element)."""
+
+    def __init__(self, rule: RuleLike, negative_slope: float = 0.01, inplace: bool = False):
+        super().__init__()
+        self.rule = as_rule(rule)
+        self.negative_slope = float(negative_slope)
+        self.inplace = bool(inplace)
+
+    @classmethod
+    def from_leaky_relu(cls, module: nn.LeakyReLU, rule: RuleLike) -> "SaliencyLeakyReLU":
+        new = cls(rule, module.negative_slope, module.inplace)
+        new.training = module.training
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.leaky_relu(x, self.rule, self.negative_slope, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, negative_slope={self.negative_slope:g}" + (", inplace=True" if self.inplace else "")
+
+
+# torch's smooth activation modules -> (row of fastsal.smooth.ACTIVATIONS, the module's parameters)
+SMOOTH_MODULES = {
+    nn.SiLU: lambda m: ("silu", ()),
+    nn.GELU: lambda m: ("gelu", (m.approximate,)),
+    nn.Hardswish: lambda m: ("hardswish", ()),
+    nn.Mish: lambda m: ("mish", ()),
+    nn.ELU: lambda m: ("elu", (float(m.alpha),)),
+    nn.CELU: lambda m: ("celu", (float(m.alpha),)),
+    nn.SELU: lambda m: ("selu", ()),
+    nn.Softplus: lambda m: ("softplus", (m.beta, m.threshold)),
+}
+
+
+class SaliencyActivation(nn.Module):
+    """A smooth activation (SiLU, GELU, ...) whose backward applies a saliency rule; keeps its input
+    (see :mod:`fastsal.smooth`). Made by ``rewrite(..., activations="all")``."""
+
+    def __init__(self, rule: RuleLike, name: str, params: tuple = (), inplace: bool = False):
+        super().__init__()
+        if name not in smooth.ACTIVATIONS:
+            raise ValueError(f"no smooth-activation rule named {name!r}; known: {', '.join(sorted(smooth.ACTIVATIONS))}")
+        self.rule = as_rule(rule)
+        self.name = name
+        self.params = tuple(params)
+        self.inplace = bool(inplace)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, rule: RuleLike) -> "SaliencyActivation":
+        name, params = SMOOTH_MODULES[type(module)](module)
+        new = cls(rule, name, params, getattr(module, "inplace", False))
+        new.training = module.training
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return smooth.activation(x, self.rule, self.name, self.params, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        params = "".join(f", {p}" for p in self.params)
+        return f"{self.name}{params}, rule={self.rule}" + (", inplace=True" if self.inplace else "")
 
 
 class FusedReLU(nn.Identity):

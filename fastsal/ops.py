@@ -1,6 +1,8 @@
 """Autograd ops whose backward follows a saliency rule and keeps almost nothing.
 
 * :func:`relu` keeps 1 bit per element (``f > 0``) for Gradient and Guided, nothing for DeconvNet.
+* :func:`clipped_relu` (ReLU6, Hardtanh(0, m)) and :func:`leaky_relu` keep the same: 1 bit per
+  element (``0 < f < m``, ``f > 0``), nothing for DeconvNet (the table in :mod:`fastsal.rules`).
 * :func:`max_pool2d` keeps one int8 switch per pooled element.
 * :func:`relu_max_pool2d` keeps the switches plus 1 bit per pooled element.
 * :func:`conv2d` / :func:`linear` keep only the weight: their backward computes the input
@@ -13,16 +15,19 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from fastsal import _library  # noqa: F401  (registers torch.ops.fastsal.*)
+from fastsal import _export_ops, _library  # noqa: F401  (_library registers torch.ops.fastsal.*)
 from fastsal.backend import kernels_for
 from fastsal._checks import IntOrPair, check_same_device, check_tensor, pair
-from fastsal.rules import Rule, RuleLike, as_rule
+from fastsal.rules import Activation, Rule, RuleLike, as_rule
 
 _NO_RULE = -1
 # int8 switches hold offsets 0..127
@@ -54,19 +59,30 @@ def _empty_bits(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0, dtype=torch.uint8)
 
 
-def _relu_forward(x: torch.Tensor, store: bool, inplace: bool):
-    """``(relu(x), packed bits of x > 0)``; in place, the first is ``x`` itself."""
+_RELU = Activation.RELU.code
+
+
+def _relu_forward(x: torch.Tensor, store: bool, inplace: bool, act: int = _RELU, param: float = 0.0):
+    """``(activation(x), its packed mask bits)``; in place, the first is ``x`` itself.
+    ``act``/``param``: a row of the ReLU family (:class:`fastsal.Activation`); ReLU by default."""
     fmt = _layout(x)
     dense = x.is_contiguous(memory_format=fmt)
     if inplace and dense:
         impl = _impl(x)
-        bits = impl.relu_forward_(x, store)
+        if act == _RELU:
+            bits = impl.relu_forward_(x, store)
+        else:
+            bits = impl.relu_family_forward_(x, act, param, store)
         if impl is not torch.ops.fastsal:
             # a kernel writing through a pointer bumps no version counter; the registered
             # op (mutates_args) would have, so autograd can still catch a stale saved tensor
             torch.autograd.graph.increment_version(x)
         return x, bits
-    y, bits = _impl(x).relu_forward(x if dense else _dense(x, fmt), store)
+    x_dense = x if dense else _dense(x, fmt)
+    if act == _RELU:
+        y, bits = _impl(x).relu_forward(x_dense, store)
+    else:
+        y, bits = _impl(x).relu_family_forward(x_dense, act, param, store)
     if inplace:  # a strided view: computed out of place, written back through the view
         return x.copy_(y), bits
     return y, bits
@@ -97,11 +113,76 @@ def relu(x: torch.Tensor, rule: RuleLike, inplace: bool = False) -> torch.Tensor
     """``torch.relu(x)`` whose backward applies ``rule`` (``"gradient"``, ``"deconvnet"``, ``"guided"``)."""
     rule = as_rule(rule)
     check_tensor(x, "x")
+    if torch.compiler.is_exporting():  # bool masks and plain ops in the graph, out of place
+        return _export_ops.relu(x, rule.code)
     if not (x.requires_grad and torch.is_grad_enabled()):
         # no backward will come: the forward alone, with no mask (and no autograd.Function,
         # whose in-place mark_dirty would break a torch.compile graph)
         return _relu_forward(x, False, bool(inplace))[0]
     return _ReLUFunction.apply(x, rule.code, bool(inplace))
+
+
+class _ReLUFamilyFunction(torch.autograd.Function):
+    """A clipped ReLU or a LeakyReLU (``act``, with its scalar ``param``) under a rule."""
+
+    @staticmethod
+    def forward(ctx, x, rule_code: int, act: int, param: float, inplace: bool):
+        store = rule_code != Rule.DECONVNET.code and ctx.needs_input_grad[0]
+        ctx.rule_code, ctx.act, ctx.param = rule_code, act, param
+        ctx.fmt = _layout(x)
+        y, bits = _relu_forward(x, store, inplace, act, param)
+        ctx.save_for_backward(bits)
+        if inplace:
+            ctx.mark_dirty(x)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        grad = _dense(grad, ctx.fmt)
+        grad_in = _impl(grad).relu_family_backward(grad, bits, ctx.rule_code, ctx.act, ctx.param)
+        return grad_in, None, None, None, None
+
+
+def _scalar(value, name: str, example: str) -> float:
+    """``value`` as a Python float, or a ValueError that says what was expected."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number such as {example}, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _relu_family(x, rule, act: int, param: float, inplace) -> torch.Tensor:
+    rule = as_rule(rule)
+    check_tensor(x, "x")
+    if torch.compiler.is_exporting():  # bool masks and plain ops in the graph, out of place
+        return _export_ops.relu_family(x, rule.code, act, param)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _relu_forward(x, False, bool(inplace), act, param)[0]
+    return _ReLUFamilyFunction.apply(x, rule.code, act, param, bool(inplace))
+
+
+def clipped_relu(x: torch.Tensor, rule: RuleLike, max_value: float, inplace: bool = False) -> torch.Tensor:
+    """``F.hardtanh(x, 0, max_value)`` (``F.relu6`` for 6; ``torch.clamp(x, 0, max_value)``) whose
+    backward applies ``rule``: gradient ``R·[0<f<m]``, deconvnet ``relu(R)``, guided
+    ``R·[0<f<m]·[R>0]``. Keeps 1 bit per element (``0 < f < m``), nothing for DeconvNet."""
+    m = _scalar(max_value, "max_value", "6.0")
+    if not m > 0:  # NaN too
+        raise ValueError(
+            f"max_value must be > 0 (a clipped ReLU clamps to [0, max_value]), got {max_value!r}; "
+            "a Hardtanh whose bounds are not (0, m) with m > 0 is not ReLU-like"
+        )
+    return _relu_family(x, rule, Activation.CLIPPED_RELU.code, m, inplace)
+
+
+def leaky_relu(x: torch.Tensor, rule: RuleLike, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
+    """``F.leaky_relu(x, negative_slope)`` whose backward applies ``rule``: gradient
+    ``R·(f>0 ? 1 : α)``, deconvnet ``relu(R)``, guided ``R·(f>0 ? 1 : α)·[R>0]``. Keeps 1 bit
+    per element (``f > 0``), nothing for DeconvNet. Any finite slope, negative or above 1 too."""
+    alpha = _scalar(negative_slope, "negative_slope", "0.01")
+    if not math.isfinite(alpha):
+        raise ValueError(f"negative_slope must be finite, got {negative_slope!r}")
+    return _relu_family(x, rule, Activation.LEAKY_RELU.code, alpha, inplace)
 
 
 def _pool_args(x, kernel_size, stride, padding, dilation):
@@ -151,7 +232,10 @@ def _pool(x, rule_code, kernel_size, stride, padding, dilation, ceil_mode):
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    out = _MaxPool2dFunction.apply(x, k, s, p, d, bool(ceil_mode), rule_code)
+    if torch.compiler.is_exporting():  # torch's int64 indices and plain ops in the graph
+        out = _export_ops.max_pool2d(x, k, s, p, d, bool(ceil_mode), rule_code)
+    else:
+        out = _MaxPool2dFunction.apply(x, k, s, p, d, bool(ceil_mode), rule_code)
     return out.squeeze(0) if unbatched else out
 
 
@@ -251,7 +335,10 @@ def conv2d(
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    out = _Conv2dInputGradFunction.apply(x, weight, bias, s, p, d, int(groups))
+    if torch.compiler.is_exporting():  # a stride-1 backward as a convolution (fastsal._export_ops)
+        out = _export_ops.conv2d(x, weight, bias, s, p, d, int(groups))
+    else:
+        out = _Conv2dInputGradFunction.apply(x, weight, bias, s, p, d, int(groups))
     return out.squeeze(0) if unbatched else out
 
 
@@ -282,4 +369,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _LinearInputGradFunction.apply(x, weight, bias)
 
 
-__all__ = ["relu", "max_pool2d", "relu_max_pool2d", "conv2d", "linear", "MAX_WINDOW"]
+__all__ = ["relu", "clipped_relu", "leaky_relu", "max_pool2d", "relu_max_pool2d", "conv2d", "linear", "MAX_WINDOW"]

@@ -16,7 +16,7 @@ from fastsal.rules import Rule
 
 # what a site is, for the summary lines
 RELU_LIKE = "relu-like"  # zeroes negatives like ReLU but has no saliency rule here: strict mode refuses it
-NO_RULE = "no rule"  # an activation the three rules do not define (SiLU, GELU, ...)
+NO_RULE = "no rule"  # an activation that gets no rule (SiLU, GELU, ... unless activations="all"; gates)
 KEPT = "kept"  # not an activation: kept as it is (training BatchNorm, unsupported pool, ...)
 EXCLUDED = "excluded"  # filter_fn said no
 
@@ -27,6 +27,7 @@ class Site:
     kind: str  # what it is: "nn.ReLU", "F.relu", "nn.BatchNorm2d", ...
     action: str  # what the rewrite did, or why it left the site alone (the same words for sites alike)
     detail: str = ""  # what is particular to this site ("into conv1", "called from 3 places")
+    rule_site: bool = False  # an activation that now applies the rule (ReLU family, or smooth with activations="all")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RewriteReport:
 
     rule: Rule
     model_name: str
+    activations: str = "relu"  # which activations get the rule: "relu" (the ReLU family) or "all"
     replaced: List[Site] = field(default_factory=list)
     left_alone: List[Tuple[str, Site]] = field(default_factory=list)  # (category, site)
     notes: List[str] = field(default_factory=list)
@@ -52,13 +54,13 @@ class RewriteReport:
         self._lock = threading.Lock()
 
     # --- filled in by the rewriting pass and the function mode ------------------------------------
-    def add_replaced(self, where: str, kind: str, action: str, detail: str = "") -> None:
-        self.replaced.append(Site(where, kind, action, detail))
+    def add_replaced(self, where: str, kind: str, action: str, detail: str = "", rule_site: bool = False) -> None:
+        self.replaced.append(Site(where, kind, action, detail, rule_site))
 
     def add_left_alone(self, category: str, where: str, kind: str, why: str) -> None:
         self.left_alone.append((category, Site(where, kind, why)))
 
-    def add_call(self, where: str, kind: str, action: str, category: str | None = None) -> None:
+    def add_call(self, where: str, kind: str, action: str, category: str | None = None, rule_site: bool = False) -> None:
         """Record a functional call site once, however often it runs (safe from several threads)."""
         key = (where, kind)
         self._call_counts[key] = self._call_counts.get(key, 0) + 1  # a statistic: a lost update is harmless
@@ -69,7 +71,7 @@ class RewriteReport:
                 return
             self._seen_calls[key] = None
             if category is None:
-                self.add_replaced(where, kind, action)
+                self.add_replaced(where, kind, action, rule_site=rule_site)
             else:
                 self.add_left_alone(category, where, kind, action)
 
@@ -83,12 +85,21 @@ class RewriteReport:
         """How many ReLU call sites (module or functional) got the rule."""
         return sum(1 for s in self.replaced if "relu" in s.action and not s.action.startswith("fused into"))
 
+    def rule_sites(self) -> int:
+        """How many activation call sites (module or functional) apply the rule, ReLU family or smooth."""
+        return sum(1 for s in self.replaced if s.rule_site)
+
+    def activations_left(self) -> Dict[str, int]:
+        """``{"nn.SiLU": 49, "F.hardtanh": 1, ...}``: activation sites that keep their ordinary gradient."""
+        return dict(Counter(s.kind for cat, s in self.left_alone if cat in (RELU_LIKE, NO_RULE)))
+
     def relu_like_left(self) -> List[Site]:
         """ReLU-like sites that keep their ordinary gradient (what ``strict=True`` refuses)."""
         return [s for cat, s in self.left_alone if cat == RELU_LIKE]
 
     def __str__(self) -> str:
-        lines = [f"fastsal rewrite of {self.model_name} (rule: {self.rule})"]
+        lines = [f"fastsal rewrite of {self.model_name} (rule: {self.rule}"
+                 + (f", activations: {self.activations})" if self.activations != "relu" else ")")]
         counts = self.replaced_counts
         if counts:
             lines.append("  replaced:")
@@ -98,8 +109,9 @@ class RewriteReport:
                 per_forward = f" ({calls / self.forwards_seen:.0f} calls per forward)" \
                     if calls and self.forwards_seen else ""
                 lines.append(f"    {n:4d} x {what}{per_forward}")
-        if not self.relu_sites():
-            lines.append("  no ReLU found" + ("" if self.forwards_seen else " in modules (functional calls show up after a forward)")
+        if not self.rule_sites():
+            lines.append("  no ReLU found" + (" nor another activation given the rule" if self.activations == "all" else "")
+                         + ("" if self.forwards_seen else " in modules (functional calls show up after a forward)")
                          + ": the rule changes nothing; the gradient is the plain one")
         if self.left_alone:
             lines.append("  left alone:")

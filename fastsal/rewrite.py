@@ -4,8 +4,9 @@ The twin is a structural copy of the model: new module objects (so swapping modu
 flags never touches the user's model) holding the *same* parameter storage (no weight copy,
 except the new weights of convolutions that absorb a BatchNorm). In the copy:
 
-* module sites are swapped for :mod:`fastsal.modules` (ReLU, ReLU → max-pool fused, max-pool,
-  conv (+ folded BatchNorm), linear, eval BatchNorm);
+* module sites are swapped for :mod:`fastsal.modules` (ReLU, ReLU → max-pool fused, ReLU6 and
+  Hardtanh(0, m), LeakyReLU, max-pool, conv (+ folded BatchNorm), linear, eval BatchNorm; with
+  ``activations="all"`` also SiLU, GELU, Hardswish, Mish, ELU, CELU, SELU and Softplus);
 * functional sites (``F.relu`` inside a ``forward``, ...) are caught while the twin runs by
   :class:`fastsal.function_mode.SaliencyMode`;
 * everything else stays as it is and is listed in the :class:`fastsal.report.RewriteReport`.
@@ -13,6 +14,9 @@ except the new weights of convolutions that absorb a BatchNorm). In the copy:
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -21,18 +25,26 @@ import torch.nn as nn
 
 from fastsal import modules as fm
 from fastsal._trace_gate import GATE
-from fastsal.function_mode import SaliencyMode
+from fastsal.function_mode import GATE_LEFT, SMOOTH_LEFT, SaliencyMode
 from fastsal.patterns import find_pairs
 from fastsal.report import EXCLUDED, KEPT, NO_RULE, RELU_LIKE, RewriteReport
 from fastsal.rules import Rule, RuleLike, as_rule
 
 FilterFn = Callable[[nn.Module, str], bool]
 
-_RELU_LIKE_MODULES = (nn.ReLU6, nn.Hardtanh, nn.Threshold)  # nn.ReLU6 is a Hardtanh
-_NO_RULE_MODULES = (
-    nn.SiLU, nn.GELU, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GLU, nn.Softsign,
-)
+_RELU_FAMILY_MODULES = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU)  # nn.ReLU6 is a Hardtanh
+_RELU_LIKE_MODULES = (nn.Threshold,)
+_GATE_MODULES = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)
+_NO_RULE_MODULES = (nn.PReLU, nn.RReLU, nn.GLU, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
+ACTIVATION_SETS = ("relu", "all")
+
+
+def _smooth_base(module: nn.Module) -> Optional[type]:
+    """The torch smooth-activation class ``module`` is, if its forward is that class's own."""
+    for base in type(module).__mro__:
+        if base in fm.SMOOTH_MODULES:
+            return base if type(module).forward is base.forward else None
+    return None
 
 
 # ----- the structural copy --------------------------------------------------------------------------
@@ -86,7 +98,7 @@ _MODE_SUBCLASS_OF: Dict[type, type] = {}  # the user's class -> subclass
 
 def _forward_with_mode(self, *args, **kwargs):
     cls = _WITH_MODE_CLASSES[type(self)]
-    mode = SaliencyMode(self._fastsal_region_rule, self.fastsal_report, self._fastsal_strict)
+    mode = SaliencyMode(self._fastsal_region_rule, self.fastsal_report, self._fastsal_strict, self._fastsal_activations)
     if torch.compiler.is_compiling() or not self._fastsal_root:
         with mode:
             return cls.forward(self, *args, **kwargs)
@@ -101,8 +113,42 @@ def _forward_with_mode(self, *args, **kwargs):
             )
         raise
     if torch.is_grad_enabled():  # functional sites are recorded only when autograd records
-        self.fastsal_report.forwards_seen += 1
+        report = self.fastsal_report
+        report.forwards_seen += 1
+        if report.forwards_seen == 1:  # every site is known now: once per rewrite, not per call
+            _warn_if_rule_applies_nowhere(report)
     return out
+
+
+def _warn_if_rule_applies_nowhere(report: RewriteReport) -> None:
+    """A user asking for guided backprop on a model none of whose activations get the rule has plain
+    gradients: say so where they will see it, not only in the report."""
+    if report.rule is Rule.GRADIENT or report.rule_sites():
+        return
+    left = sorted(report.activations_left().items(), key=lambda kv: (-kv[1], kv[0]))
+    found = ", ".join(f"{n} x {kind}" for kind, n in left)
+    smooth_left = any(s.action == SMOOTH_LEFT for _, s in report.left_alone)
+    warnings.warn(
+        f"fastsal.rewrite({report.model_name}, '{report.rule}'): no activation gets the {report.rule} rule, so the "
+        "maps are plain gradients; "
+        + (f"{found} left as is" if found else "no ReLU or other activation found")
+        + ("; pass activations='all' to apply the rule at smooth activations (SiLU, GELU, Hardswish, ...)"
+           if smooth_left else "")
+        + " (see .fastsal_report)",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line (past fastsal's and torch's frames)."""
+    level, frame = 2, sys._getframe(2)  # 1: the function calling warnings.warn, 2: its caller
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _extra_repr_with_report(self) -> str:
@@ -118,7 +164,8 @@ def _extra_repr_with_report(self) -> str:
     return f"{summary}\n{own}" if own else summary
 
 
-def _install_mode(module: nn.Module, rule: Optional[Rule], report: RewriteReport, strict: bool, root: bool) -> None:
+def _install_mode(module: nn.Module, rule: Optional[Rule], report: RewriteReport, strict: bool, root: bool,
+                  activations: str = "relu") -> None:
     """Make ``module`` run its forward inside a SaliencyMode, by giving it a subclass of its own class
     (same name: printing and state dicts are unchanged; a subclass so ``copy.deepcopy`` works)."""
     cls = type(module)
@@ -137,6 +184,7 @@ def _install_mode(module: nn.Module, rule: Optional[Rule], report: RewriteReport
     module._fastsal_region_rule = rule
     module._fastsal_root = root
     module._fastsal_strict = strict
+    module._fastsal_activations = activations
     module.fastsal_report = report
 
 
@@ -148,7 +196,7 @@ def _overrides_forward(module: nn.Module, base: type) -> bool:
 
 
 def _plan(twin: nn.Module, names: Dict[int, str], counts: Counter, included: Dict[int, bool],
-          rule: Rule, report: RewriteReport) -> Dict[int, nn.Module]:
+          rule: Rule, report: RewriteReport, activations: str = "relu") -> Dict[int, nn.Module]:
     """Replacement for each module id; records every decision in ``report``."""
     by_name = dict(twin.named_modules())
     pairs = find_pairs(twin)
@@ -177,7 +225,7 @@ def _plan(twin: nn.Module, names: Dict[int, str], counts: Counter, included: Dic
             replacements[id(pool)] = fm.SaliencyReLUMaxPool2d.from_max_pool2d(pool, rule)
             replacements[id(relu)] = fm.FusedReLU(pool_name).train(relu.training)
             fused_relu[id(relu)] = pool_name
-            report.add_replaced(pool_name, "nn.MaxPool2d", f"fastsal relu+max_pool2d fused ({rule})", relu_name)
+            report.add_replaced(pool_name, "nn.MaxPool2d", f"fastsal relu+max_pool2d fused ({rule})", relu_name, rule_site=True)
             report.add_replaced(relu_name, "nn.ReLU", "fused into the max-pool after it", pool_name)
     if pairs.untraceable:
         report.notes.append(
@@ -192,18 +240,37 @@ def _plan(twin: nn.Module, names: Dict[int, str], counts: Counter, included: Dic
             continue
         kind = f"nn.{type(module).__name__}" if type(module).__module__.startswith("torch.nn") else type(module).__name__
         is_relu = isinstance(module, nn.ReLU)
+        smooth_base = _smooth_base(module)
         if not included[key]:
-            if is_relu or isinstance(module, _RELU_LIKE_MODULES):
+            if isinstance(module, _RELU_FAMILY_MODULES + _RELU_LIKE_MODULES) or smooth_base is not None:
                 report.add_left_alone(EXCLUDED, name, kind, "filter_fn excluded it: ordinary gradient")
             continue
         if isinstance(module, torch.jit.ScriptModule):
             report.add_left_alone(RELU_LIKE, name, kind, "TorchScript: fastsal cannot see inside, any ReLU there keeps its ordinary gradient")
         elif is_relu and not _overrides_forward(module, nn.ReLU):
             replacements[key] = fm.SaliencyReLU.from_relu(module, rule)
-            reuse = f"registered in {counts[key]} places" if counts[key] > 1 else ""
-            report.add_replaced(name, "nn.ReLU", f"fastsal relu ({rule})", reuse)
+            report.add_replaced(name, "nn.ReLU", f"fastsal relu ({rule})", _reuse(counts[key]), rule_site=True)
+        elif isinstance(module, nn.Hardtanh) and not _overrides_forward(module, nn.Hardtanh):
+            if module.min_val == 0:
+                replacements[key] = fm.SaliencyClippedReLU.from_hardtanh(module, rule)
+                report.add_replaced(name, kind, f"fastsal clipped_relu ({rule})", _reuse(counts[key]), rule_site=True)
+            else:
+                report.add_left_alone(NO_RULE, name, kind, f"Hardtanh(min_val={module.min_val:g}) is not ReLU-like "
+                                      "(a clipped ReLU has min_val 0): ordinary gradient")
+        elif isinstance(module, nn.LeakyReLU) and not _overrides_forward(module, nn.LeakyReLU):
+            replacements[key] = fm.SaliencyLeakyReLU.from_leaky_relu(module, rule)
+            report.add_replaced(name, kind, f"fastsal leaky_relu ({rule})", _reuse(counts[key]), rule_site=True)
+        elif smooth_base is not None:
+            if activations == "all":
+                replacements[key] = fm.SaliencyActivation.from_module(module, rule)
+                report.add_replaced(name, kind, f"fastsal {replacements[key].name} ({rule})",
+                                    _reuse(counts[key]), rule_site=True)
+            else:
+                report.add_left_alone(NO_RULE, name, kind, SMOOTH_LEFT)
         elif isinstance(module, _RELU_LIKE_MODULES):
             report.add_left_alone(RELU_LIKE, name, kind, "ReLU-like clamp with no saliency rule: ordinary gradient")
+        elif isinstance(module, _GATE_MODULES):
+            report.add_left_alone(NO_RULE, name, kind, GATE_LEFT)
         elif isinstance(module, _NO_RULE_MODULES):
             report.add_left_alone(NO_RULE, name, kind, "activation with no saliency rule: ordinary gradient")
         elif type(module) is nn.MaxPool2d:
@@ -224,9 +291,14 @@ def _plan(twin: nn.Module, names: Dict[int, str], counts: Counter, included: Dic
         elif type(module) is nn.BatchNorm2d and module.running_mean is not None:
             replacements[key] = fm.SaliencyBatchNorm2d.from_batch_norm2d(module)
             report.add_replaced(name, kind, "eval affine, input gradient only (no conv feeds it alone)")
-        elif is_relu or isinstance(module, (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.modules.batchnorm._BatchNorm)):
+        elif isinstance(module, _RELU_FAMILY_MODULES + (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.modules.batchnorm._BatchNorm)) \
+                or (activations == "all" and isinstance(module, tuple(fm.SMOOTH_MODULES))):
             report.add_replaced(name, kind, "own forward kept; its functional calls are rewritten as it runs")
     return replacements
+
+
+def _reuse(count: int) -> str:
+    return f"registered in {count} places" if count > 1 else ""
 
 
 def _swap(twin: nn.Module, replacements: Dict[int, nn.Module]) -> nn.Module:
@@ -263,6 +335,7 @@ def rewrite(
     *,
     filter_fn: Optional[FilterFn] = None,
     strict: bool = False,
+    activations: str = "relu",
 ) -> nn.Module:
     """Return a new module computing ``model``'s forward whose backward to the input follows ``rule``.
 
@@ -272,8 +345,17 @@ def rewrite(
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` (called with the user's modules);
             only modules it accepts are rewritten, and functional calls are rewritten only inside
             accepted modules. ``None`` rewrites everything.
-        strict: raise instead of leaving a ReLU-like site (ReLU6, hardtanh, clamp at 0, code fastsal
+        strict: raise instead of leaving a ReLU-like site (``F.threshold``, a clamp at 0, code fastsal
             cannot see into) with its ordinary gradient. Functional sites are checked as the model runs.
+        activations: which activations get the rule. ``"relu"`` (default): the ReLU family, module
+            and functional forms, in place or not: ReLU, ReLU6, Hardtanh(0, m), LeakyReLU (1 bit per
+            element). ``"all"``: also SiLU, GELU, Hardswish, Mish, ELU, CELU, SELU and Softplus
+            (gradient ``R·φ'(f)``, guided ``R·φ'(f)·[R>0]``, deconvnet ``relu(R)``), which keep their
+            input for φ' (see :mod:`fastsal.smooth`). Gates (Sigmoid, Tanh, Hardsigmoid) never get a rule.
+
+    When ``rule`` is not ``"gradient"`` and no activation gets it, the first forward with autograd
+    recording (once every functional call site has been seen) emits a ``UserWarning`` naming the
+    activations left as they are: the maps would be plain gradients.
 
     The result has a ``fastsal_report`` attribute (a :class:`fastsal.RewriteReport`) saying what was
     replaced and what was left alone and why; functional call sites are added on each eager forward.
@@ -285,18 +367,20 @@ def rewrite(
         )
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
-            "fastsal.rewrite cannot see inside a TorchScript module; rewrite the Python model before scripting it"
+            "fastsal.rewrite cannot see inside a TorchScript module: rewrite the Python model (to reuse scripted "
+            "weights: model.load_state_dict(scripted.state_dict())); the twin itself cannot be scripted"
         )
     if type(model) in _WITH_MODE_CLASSES:
         raise ValueError(
             "this model is already the output of fastsal.rewrite; rewrite the original model to get another rule"
         )
     rule = as_rule(rule)
+    activations = check_activations(activations)
     if torch.is_inference_mode_enabled():
         # folded weights and cloned BatchNorm buffers made here would be inference tensors,
         # which autograd refuses to save; the twin must be built with autograd alive
         with torch.inference_mode(False):
-            return rewrite(model, rule, filter_fn=filter_fn, strict=strict)
+            return rewrite(model, rule, filter_fn=filter_fn, strict=strict, activations=activations)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got {filter_fn!r}")
 
@@ -310,11 +394,11 @@ def rewrite(
         key: (True if filter_fn is None else bool(filter_fn(originals[key], names[key])))
         for key in names
     }
-    report = RewriteReport(rule=rule, model_name=type(model).__name__)
+    report = RewriteReport(rule=rule, model_name=type(model).__name__, activations=activations)
     if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         report.notes.append("the model is in training mode: its BatchNorms use batch statistics and are kept as is")
 
-    replacements = _plan(twin, names, counts, included, rule, report)
+    replacements = _plan(twin, names, counts, included, rule, report, activations)
     if strict and report.relu_like_left():
         sites = ", ".join(f"{s.where} ({s.kind})" for s in report.relu_like_left())
         raise ValueError(
@@ -329,8 +413,17 @@ def rewrite(
         return included.get(replaced_from.get(id(module), id(module)), True)
 
     for module, inc, is_root in _regions(twin, included_of):
-        _install_mode(module, rule if inc else None, report, strict, is_root)
+        _install_mode(module, rule if inc else None, report, strict, is_root, activations)
     return twin
+
+
+def check_activations(activations) -> str:
+    if isinstance(activations, str) and activations.strip().lower() in ACTIVATION_SETS:
+        return activations.strip().lower()
+    raise ValueError(
+        f"activations must be 'relu' (the ReLU family: ReLU, ReLU6, Hardtanh(0, m), LeakyReLU) or 'all' "
+        f"(also SiLU, GELU, Hardswish, Mish, ELU, CELU, SELU, Softplus), got {activations!r}"
+    )
 
 
 __all__ = ["rewrite", "RewriteReport"]

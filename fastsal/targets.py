@@ -12,6 +12,11 @@ checks that raise clear errors instead of assertions or CUDA index faults:
 
 Negative indices count from the end, as in Python indexing. The backward seed is the
 selected output itself (a logit, not a softmax probability).
+
+Several classes per sample (:func:`is_multi`, :func:`classes_k`, :func:`top_classes`), for
+``(N, C)`` logits only: a 2-D integer tensor ``(N, K)`` or a list of N lists of K ints, or
+``top_k=K`` (the K largest logits of each sample, largest first). Each of the K columns is
+one backward pass through the same forward.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import List, Tuple, Union
 
 import torch
 
-TargetType = Union[None, int, Tuple[int, ...], torch.Tensor, List[int], List[Tuple[int, ...]]]
+TargetType = Union[None, int, Tuple[int, ...], torch.Tensor, List[int], List[Tuple[int, ...]], List[List[int]]]
 
 
 def _is_int(value) -> bool:
@@ -188,6 +193,8 @@ def slice_target(target, start: int, stop: int, n: int):
     """The part of a per-sample target that belongs to samples ``start:stop`` of a batch of ``n``."""
     if isinstance(target, torch.Tensor) and target.dim() == 1 and target.numel() == n and n > 1:
         return target[start:stop]
+    if is_multi(target):  # (N, K): rows are samples (the shape was checked against n before)
+        return target[start:stop]
     if isinstance(target, list):
         if len(target) != n:
             raise ValueError(
@@ -198,4 +205,85 @@ def slice_target(target, start: int, stop: int, n: int):
     return target
 
 
-__all__ = ["TargetType", "select", "predicted", "classes_for", "resolve", "slice_target"]
+def is_multi(target) -> bool:
+    """Whether ``target`` gives several classes per sample: a 2-D tensor or a list of lists."""
+    if isinstance(target, torch.Tensor):
+        return target.dim() == 2
+    return isinstance(target, list) and len(target) > 0 and all(isinstance(t, list) for t in target)
+
+
+def check_multi_shape(target, n: int) -> int:
+    """K, after checking that a several-classes target has one row of K >= 1 classes per sample."""
+    if isinstance(target, torch.Tensor):
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"a target tensor must hold integer class indices, got dtype {target.dtype}")
+        rows, k = target.shape
+    else:
+        rows, lengths = len(target), {len(t) for t in target}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"a target list of lists must give the same number of classes for every sample, got lengths "
+                f"{sorted(lengths)}"
+            )
+        (k,) = lengths
+        if not all(_is_int(c) for t in target for c in t):
+            raise TypeError("a target list of lists must hold int class indices")
+    if rows != n:
+        raise ValueError(
+            f"target has shape ({rows}, {k}) but the batch has {n} samples; a target with several classes per "
+            "sample must be (N, K): one row of K classes for each sample"
+        )
+    if k < 1:
+        raise ValueError(f"target has shape ({rows}, {k}): give at least one class per sample (K >= 1)")
+    return k
+
+
+def classes_k(target, n: int, num_classes: int, device=None) -> torch.Tensor:
+    """A several-classes target as a long tensor ``(n, K)`` of indices in ``[0, num_classes)``, checked."""
+    check_multi_shape(target, n)
+    classes = torch.as_tensor(target, dtype=torch.long) if isinstance(target, list) else target
+    classes = classes.to(device=device, dtype=torch.long)
+    if classes.numel():
+        low, high = int(classes.min()), int(classes.max())
+        if low < -num_classes or high >= num_classes:
+            bad = low if low < -num_classes else high
+            raise IndexError(
+                f"target {bad} is out of range for a model output with {num_classes} classes "
+                f"(valid: 0..{num_classes - 1})"
+            )
+    return torch.remainder(classes, num_classes)
+
+
+def check_top_k(top_k, target) -> int:
+    """``top_k`` as an int >= 1 (its upper bound, the number of classes, is checked on the logits)."""
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int (how many of the largest logits to explain), got {top_k!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if target is not None:
+        raise ValueError("pass either target= or top_k=, not both: top_k explains each sample's K largest logits")
+    return top_k
+
+
+def top_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` classes with the largest logits of each sample, largest first: ``(N, k)`` long."""
+    if logits.dim() != 2:
+        raise ValueError(f"top_k needs logits of shape (N, C), the model returned {tuple(logits.shape)}")
+    if k > logits.shape[1]:
+        raise ValueError(f"top_k={k} is more than the model's {logits.shape[1]} classes")
+    return logits.topk(k, dim=1).indices
+
+
+__all__ = [
+    "TargetType",
+    "select",
+    "predicted",
+    "classes_for",
+    "resolve",
+    "slice_target",
+    "is_multi",
+    "check_multi_shape",
+    "classes_k",
+    "check_top_k",
+    "top_classes",
+]

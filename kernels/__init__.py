@@ -3,7 +3,8 @@
 Installed as ``fastsal._kernels`` (PyPI already has an unrelated ``kernels`` package).
 
 * :mod:`.reference` -- the plain-torch versions; also the CPU path.
-* :mod:`.relu`      -- ReLU forward with a packed sign mask, ReLU backward for the three rules.
+* :mod:`.relu`      -- the ReLU family (ReLU, clipped ReLU, LeakyReLU): forward with a packed
+                       mask, backward for the three rules.
 * :mod:`.maxpool`   -- max-pool forward with int8 switches (optionally fused with a ReLU),
                        and the unpool backward as a deterministic gather.
 

@@ -20,6 +20,21 @@ import torch.nn.functional as F
 
 GRADIENT, DECONVNET, GUIDED, NO_RULE = 0, 1, 2, -1
 
+# The ReLU family (codes as in :class:`fastsal.Activation`), each with one scalar parameter:
+#   code          forward                  mask bit (1 bit per element)   backward where the bit is 0
+#   RELU          relu(f)                  f > 0                          0
+#   CLIPPED_RELU  hardtanh(f, 0, m)        0 < f < m                      0
+#   LEAKY_RELU    leaky_relu(f, a)         f > 0                          a * R
+# Where the bit is 1 the local derivative is 1. The three rules on top of that, for every row:
+#   gradient  = the local derivative applied to R
+#   deconvnet = relu(R)                                   (no forward state: no mask is kept)
+#   guided    = the local derivative applied to relu(R)   (R·local·[R > 0])
+# So a clipped ReLU's backward *is* the ReLU's, given its own mask bit; only a LeakyReLU's
+# differs. The comparisons run in float32 for half-precision tensors, with m as a float32, as
+# torch's hardtanh_backward does; where f is NaN the bit is 0, as in the ReLU row.
+RELU, CLIPPED_RELU, LEAKY_RELU = 0, 1, 2
+
+
 def _lanes(device: torch.device) -> torch.Tensor:
     return torch.arange(8, device=device, dtype=torch.uint8)
 
@@ -160,6 +175,110 @@ def relu_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int) -> torch.Te
         torch.ops.aten.threshold_backward.grad_input(gf[a:b], positive, 0, grad_input=of[a:b])
         if rule == GUIDED:
             of[a:b].relu_()
+    return out
+
+
+def _compare_type(x: torch.Tensor) -> torch.Tensor:
+    """``x`` where its comparisons with a float scalar must happen: half precision goes up to
+    float32 (a Python scalar would otherwise be rounded to the tensor's dtype first)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def family_mask(x: torch.Tensor, act: int, param: float) -> torch.Tensor:
+    """The activation's mask bit, unpacked: where its local derivative is 1."""
+    if act == CLIPPED_RELU:
+        xc = _compare_type(x)
+        return (xc > 0) & (xc < param)
+    if act in (RELU, LEAKY_RELU):
+        return x > 0
+    raise ValueError(f"unknown activation code {act}")
+
+
+def family_activation(x: torch.Tensor, act: int, param: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The activation's forward, as torch computes it (``out`` may be ``x``)."""
+    if act == RELU:
+        return torch.clamp_min(x, 0, out=out) if out is not None else torch.relu(x)
+    if act == CLIPPED_RELU:  # F.hardtanh and F.relu6 are this clamp
+        return torch.clamp(x, 0.0, param, out=out) if out is not None else torch.clamp(x, 0.0, param)
+    if act == LEAKY_RELU:
+        if out is None:
+            return F.leaky_relu(x, param)
+        return torch.ops.aten.leaky_relu.out(x, param, out=out)
+    raise ValueError(f"unknown activation code {act}")
+
+
+def _family_bits(x: torch.Tensor, act: int, param: float) -> torch.Tensor:
+    return positive_bits(x) if act != CLIPPED_RELU else pack_bits(family_mask(x, act, param))
+
+
+def relu_family_forward(x: torch.Tensor, act: int, param: float, store_mask: bool):
+    """``(activation(x), packed mask bits)``; the bits are an empty uint8 tensor when not stored."""
+    if act == RELU:
+        return relu_forward(x, store_mask)
+    if not (_plain_cpu(x) and x.numel() > CHUNK):
+        bits = _family_bits(x, act, param) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        return family_activation(x, act, param), bits
+    y = torch.empty_like(x)
+    return y, relu_family_forward_into(x, y, act, param, store_mask)
+
+
+def relu_family_forward_(x: torch.Tensor, act: int, param: float, store_mask: bool) -> torch.Tensor:
+    """In place: ``x`` becomes ``activation(x)``; returns the mask bits of the input."""
+    if act == RELU:
+        return relu_forward_(x, store_mask)
+    if not (_plain_cpu(x) and x.numel() > CHUNK):
+        bits = _family_bits(x, act, param) if store_mask else x.new_empty(0, dtype=torch.uint8)
+        family_activation(x, act, param, out=x)
+        return bits
+    return relu_family_forward_into(x, x, act, param, store_mask)
+
+
+def relu_family_forward_into(x: torch.Tensor, y: torch.Tensor, act: int, param: float, store_mask: bool):
+    """The activation written to ``y`` (may be ``x``) slice by slice; returns the packed mask."""
+    xf, yf = memory_order(x), memory_order(y)
+    n = xf.numel()
+    bits = torch.empty((n + 7) // 8 if store_mask else 0, dtype=torch.uint8)
+    for a, b in _chunks(n):
+        if store_mask:
+            bits[a // 8:(b + 7) // 8] = _family_bits(xf[a:b], act, param)
+        family_activation(xf[a:b], act, param, out=yf[a:b])
+    return bits
+
+
+def apply_family_rule(grad: torch.Tensor, positive: Optional[torch.Tensor], rule: int, act: int, param: float):
+    """The rules for every activation of the family, written once (the kernels compute exactly this).
+
+    ``positive`` is the unpacked mask bit. Only a LeakyReLU's backward differs from the ReLU's:
+    there it is torch's own ``leaky_relu_backward`` (R where the bit is set, ``a * R``
+    elsewhere, in float32 for half precision), fed relu(R) for Guided.
+    """
+    if act != LEAKY_RELU or rule == DECONVNET:
+        if act not in (RELU, CLIPPED_RELU, LEAKY_RELU):
+            raise ValueError(f"unknown activation code {act}")
+        return apply_rule_code(grad, positive, rule)
+    if positive is None:
+        raise ValueError("this rule needs the forward mask, but none was saved")
+    if rule not in (GRADIENT, GUIDED):
+        raise ValueError(f"unknown rule code {rule}")
+    # leaky_relu_backward tests `self > 0`: the bit, as a tensor of grad's dtype, stands in for f
+    source = torch.relu(grad) if rule == GUIDED else grad
+    return torch.ops.aten.leaky_relu_backward(source, positive.to(grad.dtype), param, False)
+
+
+def relu_family_backward(grad: torch.Tensor, bits: torch.Tensor, rule: int, act: int, param: float) -> torch.Tensor:
+    """The rule applied to ``grad`` (laid out as the forward input was) through activation ``act``."""
+    if act != LEAKY_RELU or rule == DECONVNET:
+        return relu_backward(grad, bits, rule)
+    if not (_plain_cpu(grad) and grad.numel() > CHUNK):
+        return apply_family_rule(grad, unpack_bits(bits, grad), rule, act, param)
+    out = torch.empty_like(grad)
+    gf, of = memory_order(grad), memory_order(out)
+    for a, b in _chunks(gf.numel()):
+        positive = torch.from_numpy(np.unpackbits(bits[a // 8:(b + 7) // 8].numpy(), count=b - a, bitorder="little"))
+        source = gf[a:b].relu() if rule == GUIDED else gf[a:b]
+        torch.ops.aten.leaky_relu_backward.grad_input(
+            source, positive.to(grad.dtype), param, False, grad_input=of[a:b]
+        )
     return out
 
 

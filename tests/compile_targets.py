@@ -34,10 +34,11 @@ the time of the audit and restores everything after.
 
 Cost: about 0.5-1 s of CPU per specialization and target on a free core (several times that
 on a loaded one); threads do not help (the front end holds the GIL), forked worker processes
-do. The launchers' whole product is about 550 specializations per target, too many for a CI
+do. The launchers' whole product is about 710 specializations per target, too many for a CI
 test, so scenarios come in tiers (:func:`_tier`): sm_90 compiles the "core" and "default"
 ones (every value of every flag, each kernel's heaviest configurations, every dtype where
-vector widths are asserted: about 80), the other targets the "core" ones (3 per kernel), and
+vector widths are asserted: about 90), the other targets the "core" ones (3 per kernel, one more
+per relu kernel for each other row of the ReLU family), and
 ``full=True`` / ``--full`` / ``FASTSAL_COMPILE_FULL=1`` everything for every target.
 """
 
@@ -85,6 +86,8 @@ POOLS = {
 #  offset:  the same 2048 elements one element into a larger buffer: pointers lose the hint
 RELU_VARIANTS = ("aligned", "odd", "offset")
 RELU_RULES = (0, 1, 2)  # gradient, deconvnet, guided
+# Rows of the ReLU family (kernels/reference.py): name -> (activation code, its scalar)
+RELU_ACTS = {"relu": (0, 0.0), "relu6": (1, 6.0), "leaky": (2, 0.01)}
 UNPOOL_RULES = (-1, 0, 1, 2)  # plain unpool, then fused relu with each rule
 
 
@@ -109,13 +112,15 @@ def _tier(family: str, p: Dict[str, Any]) -> str:
     """Which scenarios are compiled by default: a covering subset of the full product.
 
     Compiling costs about 0.5-1 s per specialization on one free core (several seconds on a
-    loaded one), so the default run cannot afford the whole product (about 550 specializations
+    loaded one), so the default run cannot afford the whole product (about 710 specializations
     per target). It keeps, for sm_90, every value of every flag at least once, each kernel's
     heaviest configuration (3x3 windows, fused ReLU with mask, channels_last, int64) and every
     dtype on the configurations whose vector widths are asserted; other targets get the
     "core" few per kernel. ``full=True`` compiles everything.
     """
     fp32 = p["dtype"] == "fp32"
+    if family in ("relu_forward", "relu_backward") and p["act"] != "relu":
+        return _family_tier(family, p)
     if family == "relu_forward":
         if p["inplace"]:
             return "full"  # the same specialization as out of place (it only aliases y to x)
@@ -174,6 +179,37 @@ def _tier(family: str, p: Dict[str, Any]) -> str:
     raise ValueError(family)
 
 
+def _family_tier(family: str, p: Dict[str, Any]) -> str:
+    """The clipped ReLU and LeakyReLU rows of the relu kernels: a few more specializations.
+
+    Their code differs from the ReLU row only in the elementwise arithmetic, so the default
+    plan compiles each row on its heaviest path (mask stored; int64; no hints) in fp32, the
+    half dtypes once where the vector widths are asserted, and every target once ("core").
+    A clipped ReLU's backward, and a LeakyReLU's DeconvNet, are the ReLU row's backward
+    (ACT=0): binding finds them duplicates, so they are left to the full product.
+    """
+    fp32 = p["dtype"] == "fp32"
+    if family == "relu_forward":
+        if p["inplace"] or not p["store_mask"]:
+            return "full"  # in place aliases y to x; STORE_MASK=0 is the ReLU row's case
+        if p["variant"] == "aligned" and not p["int64"] and p["dtype"] in ("fp32", "bf16"):
+            return "core" if fp32 else "default"
+        if fp32 and (p["variant"] == "aligned" or not p["int64"]):
+            return "default"  # int64, and both hint-less variants
+        if p["variant"] == "aligned" and not p["int64"] and p["dtype"] == "fp16":
+            return "default"
+        return "full"
+    if p["act"] != "leaky" or p["rule"] == 1:
+        return "full"  # the ReLU row's specialization again
+    if p["variant"] == "aligned" and not p["int64"] and fp32 and p["rule"] == 2:
+        return "core"
+    if p["variant"] == "aligned" and not p["int64"] and (p["rule"] == 2 or fp32):
+        return "default"  # guided in every dtype, gradient in fp32
+    if fp32 and p["rule"] == 2 and (p["variant"] == "aligned" or not p["int64"]):
+        return "default"  # int64, and the hint-less variants
+    return "full"
+
+
 def _relu_input(dtype, variant):
     if variant == "aligned":
         return torch.zeros(2 * 2048, dtype=dtype)
@@ -207,28 +243,33 @@ def scenarios(tiers: Sequence[str] = TIERS) -> List[Scenario]:
             out.append(Scenario(family, label, params, run, params["int64"], tier))
 
     for dtype_name, dtype in DTYPES.items():
-        for variant, int64 in itertools.product(RELU_VARIANTS, (False, True)):
+        for (act_name, (act, param)), variant, int64 in itertools.product(
+                RELU_ACTS.items(), RELU_VARIANTS, (False, True)):
+            # the ReLU row keeps its labels of before the family: its table rows stay comparable
+            relu_label = dict(dtype=dtype_name, hints=variant) if act_name == "relu" else dict(
+                dtype=dtype_name, act=act_name, hints=variant)
             for store_mask, inplace in itertools.product((True, False), (False, True)):
 
-                def fwd(dtype=dtype, variant=variant, store_mask=store_mask, inplace=inplace):
+                def fwd(dtype=dtype, variant=variant, store_mask=store_mask, inplace=inplace, act=act, param=param):
                     x = _relu_input(dtype, variant)
                     if inplace:
-                        relu.relu_forward_(x, store_mask)
+                        relu.relu_family_forward_(x, act, param, store_mask)
                     else:
-                        relu.relu_forward(x, store_mask)
+                        relu.relu_family_forward(x, act, param, store_mask)
 
-                add("relu_forward", dict(dtype=dtype_name, hints=variant),
-                    dict(dtype=dtype_name, variant=variant, int64=int64, store_mask=store_mask, inplace=inplace), fwd)
+                add("relu_forward", relu_label,
+                    dict(dtype=dtype_name, variant=variant, int64=int64, store_mask=store_mask, inplace=inplace,
+                         act=act_name), fwd)
             for rule in RELU_RULES:
 
-                def bwd(dtype=dtype, variant=variant, rule=rule):
+                def bwd(dtype=dtype, variant=variant, rule=rule, act=act, param=param):
                     x = _relu_input(dtype, variant)
                     with _no_capture():  # the forward only makes the mask tensor
-                        _, bits = relu.relu_forward(x, rule != 1)
-                    relu.relu_backward(_relu_input(dtype, variant), bits, rule)
+                        _, bits = relu.relu_family_forward(x, act, param, rule != 1)
+                    relu.relu_family_backward(_relu_input(dtype, variant), bits, rule, act, param)
 
-                add("relu_backward", dict(dtype=dtype_name, hints=variant),
-                    dict(dtype=dtype_name, variant=variant, int64=int64, rule=rule), bwd)
+                add("relu_backward", relu_label,
+                    dict(dtype=dtype_name, variant=variant, int64=int64, rule=rule, act=act_name), bwd)
 
         for pool, channels_last, int64 in itertools.product(POOLS, (False, True), (False, True)):
             label = dict(dtype=dtype_name, pool=pool, layout="NHWC" if channels_last else "NCHW")

@@ -3,7 +3,9 @@
 ``SMALL_MODELS[name]()`` returns ``(model in eval mode, input shape)``; ``ZOO`` lists the
 torchvision models with their constructor arguments and input size. ``reference_input_grad``
 computes the saliency map with plain autograd, every ReLU call replaced by a per-call
-``autograd.Function`` applying the rule (written here again, independent of fastsal).
+``autograd.Function`` applying the rule (written here again, independent of fastsal); so are
+the rest of the ReLU family (ReLU6, hardtanh(0, m), leaky_relu) and, with ``activations="all"``,
+the smooth activations (SiLU, GELU, ..., whose local derivative comes from autograd itself).
 
 Import as ``from models import ...`` (tests/ is on sys.path via conftest.py).
 """
@@ -65,6 +67,107 @@ def rule_relu(x: torch.Tensor, rule, inplace: bool = False) -> torch.Tensor:
     return out
 
 
+def _keep(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, grad, torch.zeros_like(grad))
+
+
+class RuleClippedReLUFunction(torch.autograd.Function):
+    """hardtanh(x, 0, m) (ReLU6 for m = 6): the local derivative is [0 < f < m]."""
+
+    @staticmethod
+    def forward(ctx, x, max_value, box):
+        ctx.save_for_backward((x > 0) & (x < max_value))
+        ctx.box = box
+        return torch.clamp(x, 0, max_value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        rule = ctx.box.rule
+        keep = {"gradient": inside, "deconvnet": grad > 0, "guided": inside & (grad > 0)}[rule]
+        return _keep(grad, keep), None, None
+
+
+class RuleLeakyReLUFunction(torch.autograd.Function):
+    """leaky_relu(x, α): the local derivative is 1 where f > 0, α elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, slope, box):
+        ctx.save_for_backward(x > 0)
+        ctx.slope, ctx.box = slope, box
+        return torch.where(x > 0, x, x * slope)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (positive,) = ctx.saved_tensors
+        rule = ctx.box.rule
+        if rule == "deconvnet":
+            return _keep(grad, grad > 0), None, None
+        if rule == "guided":
+            grad = _keep(grad, grad > 0)
+        return torch.where(positive, grad, grad * ctx.slope), None, None
+
+
+class RuleSmoothFunction(torch.autograd.Function):
+    """A smooth activation φ (a callable): gradient R·φ'(f), guided R·φ'(f)·[R>0], deconvnet relu(R),
+    with R·φ'(f) taken from autograd through φ itself."""
+
+    @staticmethod
+    def forward(ctx, x, fn, box):
+        ctx.f = x.detach().clone()  # a copy: an in-place call overwrites x
+        ctx.fn, ctx.box = fn, box
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.f
+        rule = ctx.box.rule
+        if rule in ("deconvnet", "guided"):
+            grad = _keep(grad, grad > 0)
+        if rule == "deconvnet":
+            return grad, None, None
+        with torch.enable_grad(), torch._C.DisableTorchFunction():  # φ itself, whatever mode is active
+            f = x.detach().requires_grad_(True)
+            (local,) = torch.autograd.grad(ctx.fn(f), f, grad)
+        return local, None, None
+
+
+def _in_place(x: torch.Tensor, out: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if inplace:  # keep in-place semantics: whoever holds x sees the new values
+        x.copy_(out)
+        return x
+    return out
+
+
+def _arg(args, kwargs, i, name, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+# smooth functional forms -> (out-of-place function, position of its inplace flag or None, always in place)
+_SMOOTH_FORMS = {
+    F.silu: (F.silu, 1, False), F.hardswish: (F.hardswish, 1, False), F.mish: (F.mish, 1, False),
+    F.gelu: (F.gelu, None, False), F.softplus: (F.softplus, None, False),
+    F.elu: (F.elu, 2, False), F.elu_: (F.elu, None, True), F.celu: (F.celu, 2, False),
+    torch.celu: (torch.celu, None, False), torch.celu_: (torch.celu, None, True),
+    F.selu: (F.selu, 1, False), torch.selu: (torch.selu, None, False), torch.selu_: (torch.selu, None, True),
+}
+
+
+def _smooth_call(func, args, kwargs, box):
+    fn, flag_at, always = _SMOOTH_FORMS[func]
+    x = args[0] if args else kwargs["input"]
+    rest = list(args[1:])
+    kw = {k: v for k, v in kwargs.items() if k not in ("input", "inplace")}
+    inplace = always
+    if flag_at is not None and len(args) > flag_at:
+        inplace = bool(args[flag_at])
+        rest = rest[: flag_at - 1]
+    elif flag_at is not None:
+        inplace = bool(kwargs.get("inplace", False))
+    out = RuleSmoothFunction.apply(x, lambda t: fn(t, *rest, **kw), box)
+    return _in_place(x, out, inplace)
+
+
 class ReferenceReLU(nn.Module):
     def __init__(self, rule: str, inplace: bool = False):
         super().__init__()
@@ -75,11 +178,13 @@ class ReferenceReLU(nn.Module):
 
 
 class _ReferenceMode(TorchFunctionMode):
-    """Every ReLU call, whatever its form, becomes a RuleReLUFunction call."""
+    """Every ReLU-family call, whatever its form, becomes a per-call rule Function; with
+    ``activations="all"`` the smooth activations too."""
 
-    def __init__(self, rule):
+    def __init__(self, rule, activations: str = "relu"):
         super().__init__()
         self.rule = rule if isinstance(rule, RuleBox) else RuleBox(rule)
+        self.smooth = activations == "all"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -90,6 +195,18 @@ class _ReferenceMode(TorchFunctionMode):
             return rule_relu(args[0], self.rule)
         if func in (torch.relu_, torch.Tensor.relu_, torch.ops.aten.relu_.default):
             return rule_relu(args[0], self.rule, inplace=True)
+        x = args[0] if args else kwargs.get("input")
+        if func is F.relu6:
+            out = RuleClippedReLUFunction.apply(x, 6.0, self.rule)
+            return _in_place(x, out, _arg(args, kwargs, 1, "inplace", False))
+        if func in (F.hardtanh, F.hardtanh_) and _arg(args, kwargs, 1, "min_val", -1.0) == 0:
+            out = RuleClippedReLUFunction.apply(x, _arg(args, kwargs, 2, "max_val", 1.0), self.rule)
+            return _in_place(x, out, func is F.hardtanh_ or _arg(args, kwargs, 3, "inplace", False))
+        if func in (F.leaky_relu, F.leaky_relu_):
+            out = RuleLeakyReLUFunction.apply(x, _arg(args, kwargs, 1, "negative_slope", 0.01), self.rule)
+            return _in_place(x, out, func is F.leaky_relu_ or _arg(args, kwargs, 2, "inplace", False))
+        if self.smooth and func in _SMOOTH_FORMS:
+            return _smooth_call(func, args, kwargs, self.rule)
         return func(*args, **kwargs)
 
 
@@ -119,7 +236,8 @@ def reference_input_grad(model: nn.Module, x: torch.Tensor, rule: str, target=0)
         return input_grad(model, x, target)
 
 
-def reference_input_grads(model: nn.Module, x: torch.Tensor, rules=RULES, target=0, dtype=torch.float64):
+def reference_input_grads(model: nn.Module, x: torch.Tensor, rules=RULES, target=0, dtype=torch.float64,
+                          activations: str = "relu"):
     """``{rule: input gradient}`` from one forward of a ``dtype`` copy of ``model`` (the original is untouched).
 
     float64 by default: fastsal's float32 maps are then measured against the exact answer, not
@@ -130,7 +248,7 @@ def reference_input_grads(model: nn.Module, x: torch.Tensor, rules=RULES, target
     ref_model = copy.deepcopy(model).to(dtype)
     box = RuleBox(rules[0])
     xr = x.detach().to(dtype).requires_grad_(True)
-    with _ReferenceMode(box):
+    with _ReferenceMode(box, activations):
         seed = _seed(ref_model(xr), target)
     grads = {}
     for i, rule in enumerate(rules):
@@ -354,6 +472,8 @@ ZOO: Dict[str, Tuple[dict, int]] = {
     "shufflenet_v2_x0_5": ({}, 64),
     "mnasnet0_5": ({}, 64),
     "regnet_x_400mf": ({}, 64),
+    "mobilenet_v2": ({}, 64),  # ReLU6
+    "mobilenet_v3_small": ({}, 64),  # Hardswish (left alone: activations="relu") beside ReLU, Hardsigmoid gates
 }
 
 

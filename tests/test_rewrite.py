@@ -116,10 +116,12 @@ def test_report_lists_what_was_left_alone():
     model, shape = SMALL_MODELS["SiLU/GELU/ReLU6 and a ReLU"]()
     twin = fastsal.rewrite(model, "guided")
     text = str(twin.fastsal_report)
-    assert "nn.SiLU [no rule]" in text and "nn.GELU [no rule]" in text and "nn.ReLU6 [relu-like]" in text
-    assert [s.where for s in twin.fastsal_report.relu_like_left()] == ["5"]
-    with pytest.raises(ValueError, match=r"strict rewrite.*5 \(nn.ReLU6\)"):
-        fastsal.rewrite(model, "guided", strict=True)
+    assert "nn.SiLU [no rule]" in text and "nn.GELU [no rule]" in text
+    assert "nn.ReLU6 -> fastsal clipped_relu (guided)" in text  # the ReLU family gets the rule (issue 11)
+    assert twin.fastsal_report.relu_like_left() == []
+    clamped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Threshold(0.0, 0.0), nn.Flatten())
+    with pytest.raises(ValueError, match=r"strict rewrite.*1 \(nn.Threshold\)"):
+        fastsal.rewrite(clamped, "guided", strict=True)
 
 
 def test_strict_checks_functional_relu_like_calls_as_they_run():
@@ -129,16 +131,16 @@ def test_strict_checks_functional_relu_like_calls_as_they_run():
             self.conv = nn.Conv2d(3, 4, 3)
 
         def forward(self, x):
-            return F.relu6(self.conv(x)).sum((1, 2, 3))
+            return torch.clamp(self.conv(x), min=0).sum((1, 2, 3))
 
     model = Clamped().eval()
     twin = fastsal.rewrite(model, "guided", strict=True)  # nothing visible before it runs
     x = _input((1, 3, 8, 8)).requires_grad_(True)
-    with pytest.raises(RuntimeError, match="F.relu6 .* is ReLU-like"):
+    with pytest.raises(RuntimeError, match="torch.clamp .* is ReLU-like"):
         twin(x)
     lenient = fastsal.rewrite(model, "guided")
     lenient(x)
-    assert [s.kind for s in lenient.fastsal_report.relu_like_left()] == ["F.relu6"]
+    assert [s.kind for s in lenient.fastsal_report.relu_like_left()] == ["torch.clamp"]
 
 
 def test_training_mode_keeps_batch_norm_and_says_so():

@@ -26,21 +26,33 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default: fp32 on CPU, bf16 fp32 on CUDA")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--method", nargs="+", default=["gradient", "deconvnet", "guided"])
-    p.add_argument("--engine", nargs="+", default=["inference", "autograd", "captum", "fastsal", "fastsal-compile",
-                                                   "fastsal-graph"])
+    p.add_argument("--method", nargs="+", default=None, choices=["gradient", "deconvnet", "guided"],
+                   help="default: all three (with --top-k: guided)")
+    p.add_argument("--engine", nargs="+", default=None,
+                   help="default: inference autograd captum fastsal fastsal-compile fastsal-graph (with --top-k: "
+                   "inference captum-k-calls fastsal-k-calls fastsal-topk)")
     p.add_argument("--size", type=int, default=224, help="image side in pixels")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-budget-gib", type=float, default=None,
                    help="budget for the largest-batch estimate (default: the card's memory, or 16 on CPU)")
-    p.add_argument("--out", default="bench.csv", metavar="FILE.csv")
+    p.add_argument("--out", default=None, metavar="FILE.csv", help="default: bench.csv (with --top-k: bench-topk.csv, "
+                   "appended to)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="instead: K classes per image, fastsal's Explainer(top_k=K) (one forward, K backward passes) "
+                   "vs Captum's class called K times, interleaved; default model resnet50, batch 4, method guided")
     p.add_argument("--quick", action="store_true", help="small models and images: a CPU run under two minutes")
     p.add_argument("--no-plot", action="store_true", help="write no PNG (the CSVs only)")
 
 
 def run_bench(args) -> int:
     import torch
+
+    if args.top_k is not None:
+        return _run_topk(args)
+    args.method = args.method or ["gradient", "deconvnet", "guided"]
+    args.engine = args.engine or ["inference", "autograd", "captum", "fastsal", "fastsal-compile", "fastsal-graph"]
+    args.out = args.out or "bench.csv"
 
     from fastsal.bench.plot import plot
     from fastsal.bench.runner import bench, parse_case, product_cases, ratios
@@ -79,6 +91,36 @@ def run_bench(args) -> int:
               f"vs captum x{r['vs_captum_throughput']} (memory x{r['vs_captum_peak_mem']}, "
               f"largest batch x{r['vs_captum_largest_batch']})")
     print(f"\nwrote {args.out}, {ratio_path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def _run_topk(args) -> int:
+    import torch
+
+    from fastsal.bench.topk import append_csv, bench_topk
+
+    if args.top_k < 1:
+        raise SystemExit(f"fastsal bench: --top-k must be at least 1, got {args.top_k}")
+    if args.case or args.quick:
+        raise SystemExit("fastsal bench: --top-k takes --model, --batch-size, --method, --size, --repeats, not --case "
+                         "or --quick")
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    out = args.out or "bench-topk.csv"
+    rows = []
+    for model in args.model or ["resnet50"]:
+        for batch in args.batch_size or [4]:
+            print(f"fastsal bench --top-k {args.top_k} on {device}: {model}, batch {batch}, {args.size}px, "
+                  f"{args.repeats} interleaved repeats", flush=True)
+            rows += bench_topk(model, batch, args.top_k, args.method or ["guided"], device, args.size, args.repeats,
+                               args.warmup, args.engine, log=lambda s: print(s, flush=True))
+    append_csv(out, rows)
+    print("\nthroughput vs Captum calling its class K times (> 1 favours the engine):")
+    for r in rows:
+        if r.get("vs_captum_throughput") is not None and r["engine"] != "captum-k-calls":
+            print(f"  {r['model']} b={r['batch_size']} K={r['top_k']} {r['engine']:16s} {r['method']:9s} "
+                  f"x{r['vs_captum_throughput']}  (load {r['load_before']} -> {r['load_after']})")
+    print(f"\nappended {len(rows)} rows to {out}")
     return 0
 
 
