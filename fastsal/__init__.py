@@ -11,7 +11,9 @@ from fastsal.api import *  # noqa: F401,F403  Captum-compatible classes, salienc
 
 from fastsal.jobs.store import Record, Results, load_results
 
+from fastsal.exporter import export  # noqa: E402  fastsal.export(model, method, example): image -> (logits, map) graph
+
 __version__ = "0.1.0"
 
-__all__ = ["Rule", "as_rule", "ops", "rewrite", "RewriteReport", "load_results", "Results", "Record", "__version__"]
+__all__ = ["Rule", "as_rule", "ops", "rewrite", "RewriteReport", "load_results", "Results", "Record", "export", "__version__"]
 __all__ += api.__all__  # noqa: F405  (the submodule fastsal.api, bound by the import above)
