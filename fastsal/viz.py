@@ -7,6 +7,13 @@ carry itself (``"inferno"``, ``"jet"`` and ``"gray"`` are built in).
 
 Scaling: maps are divided by a high percentile of their magnitude (99.5 by default) per
 image, then clipped, so one extreme pixel does not turn the rest of the picture black.
+Colours: dark (0) to bright (that percentile and above) along the colour map ("inferno"
+by default); :func:`overlay_image` draws this as a legend strip. The signed RGB picture of
+:func:`gradient_rgb` has mid-gray for zero.
+
+Pictures for people: :func:`overlay_image` draws at least 256 px on the long side (the map
+upsampled smoothly, boxes at display scale, a legend strip); the other functions keep the
+map's own resolution, and :func:`enlarge` blows any picture up smoothly.
 """
 
 from __future__ import annotations
@@ -146,6 +153,105 @@ def overlay(
     return np.round(img * (1.0 - weight) + heat * weight).astype(np.uint8)
 
 
+DISPLAY_MIN_SIDE = 256  # pictures meant to be looked at are at least this long on their long side
+
+
+def enlarge(picture: ArrayLike, min_side: int = DISPLAY_MIN_SIDE, resample: str = "bicubic") -> np.ndarray:
+    """A uint8 ``(H, W, 3)`` picture enlarged (never shrunk) so its long side is at least
+    ``min_side``, keeping its aspect ratio; ``resample`` "bicubic", "bilinear" or "nearest"."""
+    from PIL import Image
+
+    pil = to_pil(picture)
+    w, h = pil.size
+    factor = min_side / max(w, h) if max(w, h) else 1.0
+    if factor <= 1.0:
+        return np.asarray(pil.convert("RGB"))
+    filters = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    if resample not in filters:
+        raise ValueError(f"resample must be one of {sorted(filters)}, got {resample!r}")
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return np.asarray(pil.convert("RGB").resize(size, resample=filters[resample]))
+
+
+def _legend_strip(width: int, cmap: str, percentile: float) -> np.ndarray:
+    """A colour bar with its meaning: 0 on the left, the map's ``percentile`` (and above) on the right."""
+    from PIL import Image, ImageDraw
+
+    height, bar_h, margin = 30, 10, 6
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    bar = _lut(cmap)[np.round(np.linspace(0, 255, max(1, width - 2 * margin))).astype(np.int64)]
+    strip.paste(Image.fromarray(np.repeat(bar[None], bar_h, axis=0)), (margin, 2))
+    draw = ImageDraw.Draw(strip)
+    right = f">= p{percentile:g} of |map|"
+    draw.text((margin, bar_h + 4), "0", fill=(0, 0, 0))
+    tw = draw.textlength(right) if hasattr(draw, "textlength") else 6 * len(right)
+    draw.text((max(margin + 12, width - margin - tw), bar_h + 4), right, fill=(0, 0, 0))
+    return np.asarray(strip)
+
+
+def overlay_image(
+    image,
+    saliency: ArrayLike,
+    boxes: Sequence = (),
+    min_side: int = DISPLAY_MIN_SIDE,
+    alpha: float = 0.6,
+    cmap: str = "inferno",
+    percentile: float = 99.5,
+    legend: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> np.ndarray:
+    """A readable overlay: uint8 ``(H', W', 3)``, at least ``min_side`` pixels on its long side.
+
+    ``image`` is a Pillow image, a uint8 ``(H, W, 3)`` array or a ``(C, H, W)`` tensor as
+    :func:`overlay` takes; ``saliency`` a 2-D map of any size (the model's input resolution,
+    say). The image is enlarged with bicubic interpolation, the map resized to it with
+    bilinear interpolation before it is coloured (no blocks), and each of ``boxes`` (a box
+    ``(x0, y0, x1, y1)`` in the image's pixels, half-open, or a pair ``(box, (r, g, b))``;
+    None is skipped) drawn at display scale. With ``legend`` a colour bar under the picture
+    says what the colours mean: 0 to the map's ``percentile`` of |map| (its colour scale).
+    """
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
+    if isinstance(image, Image.Image):
+        base = np.asarray(image.convert("RGB"))
+    else:
+        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+            base = arr
+        else:
+            base = image_to_uint8(image, mean, std)
+    if base.ndim != 3:
+        raise ValueError(f"overlay_image draws one image, got shape {base.shape}")
+    h, w = base.shape[:2]
+    m = _numpy(saliency)
+    if m.ndim != 2:
+        raise ValueError(f"saliency must be one 2-D map, got shape {m.shape}")
+    shown = enlarge(base, min_side, "bicubic")
+    dh, dw = shown.shape[:2]
+    resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[None, None], size=(dh, dw), mode="bilinear",
+                            align_corners=False)[0, 0].numpy()
+    picture = overlay(shown.transpose(2, 0, 1).astype(np.float32) / 255.0, resized, alpha=alpha, cmap=cmap,
+                      percentile=percentile)
+    pil = Image.fromarray(picture)
+    draw = ImageDraw.Draw(pil)
+    sx, sy = dw / w, dh / h
+    width = max(2, round(min(sx, sy)))
+    for entry in boxes:
+        box, color = (entry if entry is not None and len(entry) == 2 else (entry, (0, 255, 0)))
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        # half-open pixel box -> the outline just inside it, at display scale
+        draw.rectangle([x0 * sx, y0 * sy, max(x0 * sx, x1 * sx - 1), max(y0 * sy, y1 * sy - 1)],
+                       outline=tuple(color), width=width)
+    out = np.asarray(pil)
+    if legend:
+        out = np.concatenate([out, _legend_strip(dw, cmap, percentile)], axis=0)
+    return out
+
+
 def gradient_rgb(grads: ArrayLike, percentile: float = 99.5) -> np.ndarray:
     """The RGB picture of a signed input gradient, as in Springenberg et al.'s guided backprop figures.
 
@@ -189,7 +295,8 @@ def to_pil(picture: ArrayLike):
 
 
 def save_png(picture: ArrayLike, path) -> None:
-    """Write a picture as PNG through Pillow."""
+    """Write a picture as PNG through Pillow, pixel for pixel (it is not resized: for a
+    picture to look at, draw it with :func:`overlay_image` or :func:`enlarge` first)."""
     to_pil(picture).save(path, format="PNG", optimize=True)
 
 
@@ -296,6 +403,8 @@ __all__ = [
     "heatmap",
     "image_to_uint8",
     "overlay",
+    "overlay_image",
+    "enlarge",
     "gradient_rgb",
     "guided_rgb",
     "to_pil",

@@ -33,3 +33,26 @@ def tiny():
 def slow_tiny():
     """The same model, 0.3 s per forward: slow enough to be killed mid-job."""
     return Tiny(delay=0.3).eval()
+
+
+class Bright(nn.Module):
+    """Saliency where the image is bright: relu(mean of RGB - 0.5) pooled. Its guided map is
+    nonzero exactly on the bright pixels, so its box is where a bright object is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0 / 3.0)
+            self.conv.bias.fill_(-0.5)
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def bright():
+    """Input normalization is ImageNet's for a factory: 0.5 after it is a bright pixel."""
+    return Bright().eval()

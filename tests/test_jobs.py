@@ -223,8 +223,12 @@ def test_demo_runs_offline(tmp_path):
     assert summary["mean_box_iou"] > 0.4
     assert (out / "methods.png").stat().st_size > 1000
     assert len(list(out.glob("overlay_*.png"))) == 6
+    for path in out.glob("overlay_*.png"):
+        with Image.open(path) as im:
+            assert min(im.size) >= 256  # drawn for people, not at the 64 px of the image
     with Image.open(out / "methods.png") as im:
         assert im.size[0] > im.size[1] / 3  # four columns: input and the three methods
+        assert im.size[0] >= 4 * 256  # cells enlarged to 256 px
 
 
 def test_topk_grid(folder, tmp_path):
@@ -236,6 +240,7 @@ def test_topk_grid(folder, tmp_path):
     assert len(values) == 3 and values == sorted(values, reverse=True)
     with Image.open(out) as im:
         assert im.size[1] > im.size[0]  # three rows of (image, projection)
+        assert im.size[0] >= 2 * 256 and im.size[1] >= 3 * 256  # cells enlarged to >= 256 px
     bad = _fastsal("topk", folder, "--layer", "nope", "--channel", "0", "--out", str(out),
                    "--model", "job_models:tiny", "--size", "32", check=False)
     assert bad.returncode == 2 and "not a module of the model" in bad.stderr and "Traceback" not in bad.stderr

@@ -16,18 +16,6 @@ import numpy as np
 from fastsal.jobs.boxes import box_iou
 
 
-def _draw_box(img: np.ndarray, box, color) -> None:
-    if box is None:
-        return
-    x0, y0, x1, y1 = box
-    h, w = img.shape[:2]
-    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w - 1, x1 - 1), min(h - 1, y1 - 1)
-    img[y0, x0:x1 + 1] = color
-    img[y1, x0:x1 + 1] = color
-    img[y0:y1 + 1, x0] = color
-    img[y0:y1 + 1, x1] = color
-
-
 def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
     import torch
     from PIL import Image
@@ -57,17 +45,15 @@ def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
     results = load_results(results_dir)
 
     names = list(DEFAULT_PREPROCESS.class_names)
-    overlays = []
     correct = pointing = 0
     ious = []
     for key in results:
         rec = results[key]
         label, true_box = truth[key]
         image = np.asarray(Image.open(os.path.join(image_dir, key)).convert("RGB"))
-        pic = viz.overlay(image.transpose(2, 0, 1), rec.map.astype(np.float32))  # viz takes (C, H, W)
-        _draw_box(pic, true_box, (255, 255, 255))
-        _draw_box(pic, rec.box, (0, 255, 0))
-        overlays.append(pic)
+        # drawn for people: >= 256 px, the map upsampled smoothly, boxes at display scale, a legend
+        pic = viz.overlay_image(image, rec.map.astype(np.float32),
+                                boxes=[(true_box, (255, 255, 255)), (rec.box, (0, 255, 0))])
         viz.save_png(pic, os.path.join(out, f"overlay_{os.path.basename(key)}"))
         correct += int(rec.label == label)
         y, x = np.unravel_index(np.argmax(rec.map.astype(np.float32)), rec.map.shape)
@@ -77,7 +63,8 @@ def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
     model = build_default_model()
     images = np.stack([np.asarray(Image.open(os.path.join(image_dir, k)).convert("RGB")) for k in list(results)[:6]])
     batch = DEFAULT_PREPROCESS.normalize(torch.from_numpy(images))
-    viz.method_grid(model, batch, mean=DEFAULT_PREPROCESS.mean, std=DEFAULT_PREPROCESS.std, scale=3,
+    viz.method_grid(model, batch, mean=DEFAULT_PREPROCESS.mean, std=DEFAULT_PREPROCESS.std,
+                    scale=-(-viz.DISPLAY_MIN_SIDE // max(images.shape[1:3])),
                     path=os.path.join(out, "methods.png"))
     n = len(results)
     summary = {
@@ -88,7 +75,8 @@ def demo(out: str, n_images: int = 8, method: str = "guided") -> dict:
         "mean_box_iou": float(np.mean(ious)) if ious else None,
         "classes": names,
         "seconds": round(time.perf_counter() - t0, 2),
-        "outputs": {"overlays": f"{out}/overlay_*.png (white: true box, green: fastsal's box)",
+        "outputs": {"overlays": f"{out}/overlay_*.png (white: true box, green: fastsal's box; "
+                                "colours from 0 to the map's 99.5th percentile, see the strip below each)",
                     "methods": f"{out}/methods.png", "results": results_dir},
     }
     with open(os.path.join(out, "summary.json"), "w") as fh:

@@ -18,10 +18,33 @@ def _resolve_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return modules[name]
 
 
-def topk_images(model, items, pre, layer_name: str, channel: int, k: int, batch_size: int, device) -> List[Tuple[float, int]]:
-    """(strongest activation, item index) of the k best images, best first."""
+def _iter_loaded(reader, indices, pre):
+    """(item index, tensor) of the readable ones among ``indices`` (EXIF orientation applied),
+    read in one pass (a tar shard front to back once)."""
     from fastsal.jobs import images as imgs
 
+    for i, data, error in reader.read(indices):
+        if error is None:
+            tensor, _size, error = imgs.load_bytes(data, pre)
+            if error is None:
+                yield i, tensor
+
+
+def _chunks(pairs, size):
+    chunk = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def topk_images(model, reader, n_items: int, pre, layer_name: str, channel: int, k: int, batch_size: int,
+                device) -> List[Tuple[float, int]]:
+    """(strongest activation, item index) of the k best images, best first; ``reader`` as
+    :func:`fastsal.jobs.sources.open_reader` makes."""
     layer = _resolve_layer(model, layer_name)
     captured = {}
 
@@ -36,14 +59,7 @@ def topk_images(model, items, pre, layer_name: str, channel: int, k: int, batch_
     handle = layer.register_forward_hook(hook)
     try:
         with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                chunk = []
-                for i in range(start, min(start + batch_size, len(items))):
-                    tensor, _size, error = imgs.load(items[i].path, pre)
-                    if error is None:
-                        chunk.append((i, tensor))
-                if not chunk:
-                    continue
+            for chunk in _chunks(_iter_loaded(reader, range(n_items), pre), batch_size):
                 model(torch.stack([t for _, t in chunk]).to(device))
                 for (i, _), v in zip(chunk, captured["max"].float().cpu().tolist()):
                     heapq.heappush(best, (v, -i))
@@ -57,9 +73,8 @@ def topk_images(model, items, pre, layer_name: str, channel: int, k: int, batch_
 def topk_from_args(args) -> str:
     from fastsal import viz
     from fastsal.features import visualize_feature
-    from fastsal.jobs import images as imgs
     from fastsal.jobs.models import load_model
-    from fastsal.jobs.sources import discover
+    from fastsal.jobs.sources import discover, open_reader
 
     if args.k < 1:
         raise SystemExit("fastsal topk: --k must be at least 1")
@@ -71,15 +86,17 @@ def topk_from_args(args) -> str:
     if not source.items:
         raise SystemExit(f"fastsal topk: no images found in {args.src}")
     pre = loaded.preprocess
-    best = topk_images(model, source.items, pre, args.layer, args.channel, args.k, args.batch_size, device)
+    reader = open_reader(args.src, source.kind, [it.key for it in source.items])
+    best = topk_images(model, reader, len(source.items), pre, args.layer, args.channel, args.k, args.batch_size, device)
+    tensors = dict(_iter_loaded(reader, sorted(i for _, i in best), pre))
     rows = []
     for value, i in best:
-        tensor, _, _ = imgs.load(source.items[i].path, pre)
-        x = tensor[None].to(device)
+        x = tensors[i][None].to(device)
         projection = visualize_feature(model, x, args.layer, args.channel, method=args.method, seed="max")
-        rows.append([viz.image_to_uint8(tensor, pre.mean, pre.std), viz.gradient_rgb(projection[0].detach().cpu())])
-    scale = max(1, 192 // max(pre.size))
-    picture = viz.grid(rows, labels=["image", f"{args.method} of {args.layer}[{args.channel}]"], scale=scale)
+        # cells for people: >= 256 px, enlarged smoothly
+        rows.append([viz.enlarge(viz.image_to_uint8(tensors[i], pre.mean, pre.std)),
+                     viz.enlarge(viz.gradient_rgb(projection[0].detach().cpu()))])
+    picture = viz.grid(rows, labels=["image", f"{args.method} of {args.layer}[{args.channel}] (gray: 0)"])
     picture.save(args.out, format="PNG")
     listing = "\n".join(f"{v:10.4f}  {source.items[i].key}" for v, i in best)
     return f"top {len(best)} images for {args.layer} channel {args.channel}:\n{listing}\nwrote {args.out}"
