@@ -51,7 +51,7 @@ from _results import write_rows  # noqa: E402
 import fastsal  # noqa: E402
 from fastsal.default_model import DEFAULT_PREPROCESS, build_default_model  # noqa: E402
 from fastsal.default_model import synthetic  # noqa: E402
-from fastsal.evaluate.command import cpu_name  # noqa: E402
+from fastsal._machine import cpu_name  # noqa: E402
 from fastsal.evaluate.randomization import METHODS, mprt  # noqa: E402
 from fastsal.evaluate.similarity import SIMILARITIES  # noqa: E402
 

@@ -12,6 +12,7 @@ EPILOG = """examples:
   fastsal run images/ --out maps/               # every image under images/, embedded model
   fastsal run val/ --out maps/ --model resnet50 --weights IMAGENET1K_V2 --target label
   torchrun --nproc_per_node=4 -m fastsal run val/ --out maps/ --model resnet50 --weights r50.pth
+  fastsal run 'shards/train-{000000..000099}.tar' --out maps/ --model resnet50 --weights IMAGENET1K_V2
 then in Python:  fastsal.load_results("maps/")["cat/001.jpg"].box
 """
 
@@ -27,12 +28,16 @@ def _add_run(sub) -> None:
         epilog=EPILOG,
     )
     p.add_argument("src", metavar="SRC", help="a folder of images (searched recursively; class subfolders give "
-                   "labels), or a .txt/.csv file of paths with optional labels (path,label)")
+                   "labels), a .txt/.csv file of paths with optional labels (path,label), or tar shards in the "
+                   "WebDataset layout: a .tar, a folder of .tar files, or a pattern 'data/shard-{000000..000999}.tar' "
+                   "(quote it; a .cls member gives the label; result keys are <shard>.tar/<key>)")
     p.add_argument("--out", required=True, metavar="DIR", help="results folder (created; resumed if it holds this job)")
     p.add_argument("--model", default=None, help="torchvision or timm model name, or module:function; "
                    "default: the embedded model trained on synthetic shapes")
-    p.add_argument("--weights", default=None, help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2; "
-                   "downloads once, needs internet) or a local .pth/.pt/.safetensors state dict")
+    p.add_argument("--weights", default=None, help="required with a torchvision or timm --model: a torchvision "
+                   "weights name (e.g. DEFAULT, IMAGENET1K_V2; downloads once to the torch hub cache, needs internet), "
+                   "'pretrained' (timm), a local .pth/.pt/.safetensors state dict, or 'random' for a randomly "
+                   "initialised network on purpose (sanity checks)")
     p.add_argument("--method", default="guided", choices=["gradient", "deconvnet", "guided"])
     p.add_argument("--target", default="predicted", help="predicted (default), label (from class subfolders "
                    "or the list file) or a class index")
@@ -47,6 +52,14 @@ def _add_run(sub) -> None:
     p.add_argument("--box-smooth", type=float, default=0.03,
                    help="Gaussian blur before thresholding, as a fraction of the map's longer side (0: none)")
     p.add_argument("--save-original-size", action="store_true", help="also store each map resized to its image")
+    p.add_argument("--map-dtype", default="float16", choices=["float16", "uint8"],
+                   help="how maps are stored: float16 (default) or uint8 scaled by each map's own max, the scale "
+                   "kept (half the space; load_results returns float maps either way)")
+    p.add_argument("--no-exif-transpose", dest="exif_transpose", action="store_false",
+                   help="use pixels as stored, ignoring the EXIF orientation tag (default: turn each image as a "
+                   "viewer shows it, so boxes and maps are in the coordinates people see)")
+    p.add_argument("--parquet", default="auto", choices=["auto", "yes", "no"],
+                   help="write DIR/items.parquet at the end (auto: when pyarrow is installed; fastsal[parquet])")
     p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
                    help="JPEG decoding: gpu = torchvision.io.decode_jpeg on CUDA (auto: when running on CUDA)")
     p.add_argument("--loader-probe", type=int, default=256,
@@ -73,8 +86,8 @@ def _add_topk(sub) -> None:
     p.add_argument("--channel", type=int, required=True)
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--out", required=True, metavar="FILE.png")
-    p.add_argument("--model", default=None)
-    p.add_argument("--weights", default=None)
+    p.add_argument("--model", default=None, help="as for fastsal run")
+    p.add_argument("--weights", default=None, help="as for fastsal run (required with a torchvision or timm --model)")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--method", default="deconvnet", choices=["gradient", "deconvnet", "guided"])
@@ -95,8 +108,9 @@ def _add_eval(sub) -> None:
                    "pixels, half-open; write_dataset's format) or what fastsal run reads (no boxes); "
                    "default: the synthetic test split")
     p.add_argument("--checks", default="mprt,random-logit,pointing,deletion,insertion",
-                   help="comma-separated, from mprt (cascading), mprt-independent, random-logit, pointing, "
-                   "deletion, insertion (default: all but mprt-independent)")
+                   help="comma-separated, from mprt (cascading), mprt-independent, random-logit, "
+                   "data-randomization, pointing, deletion, insertion (default: all but mprt-independent and "
+                   "data-randomization)")
     p.add_argument("--methods", default="gradient,deconvnet,guided", help="comma-separated (default: all three)")
     p.add_argument("--n", type=int, default=200, help="images: the first N of the data (default 200)")
     p.add_argument("--batch-size", type=int, default=64, help="images per saliency pass (default 64)")
@@ -105,6 +119,9 @@ def _add_eval(sub) -> None:
                    help="MPRT: adebayo (trainable parameters reset, BN statistics kept, own top class) or quantus "
                    "(BN statistics reset too, the labels explained)")
     p.add_argument("--steps", type=int, default=20, help="points of the deletion/insertion curves, minus one")
+    p.add_argument("--permuted-weights", default=None, metavar="PATH",
+                   help="data-randomization check: a state dict of the same model trained on permuted labels "
+                   "(default for the embedded model: its shipped permuted-label twin)")
     p.add_argument("--size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -128,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parser(sub)
+    try:
+        from fastsal.exporter.command import add_export_parser
+    except ImportError:
+        pass
+    else:
+        add_export_parser(sub)
+    try:
+        from fastsal.serve.cli import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
     return parser
 
 
@@ -168,6 +197,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             from fastsal.bench.cli import run_bench
 
             return run_bench(args)
+        if args.command == "export":
+            from fastsal.exporter.command import run_export
+
+            return run_export(args)
+        if args.command == "serve":
+            from fastsal.serve.cli import run_serve
+
+            return run_serve(args)
     except ImportError as exc:
         if getattr(exc, "name", None) in ("PIL", "tqdm", "scipy", "torchvision"):
             return _missing_extra(exc)
@@ -183,7 +220,8 @@ def _run(args) -> int:
         target=args.target, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         workers=args.workers, size=args.size, box_threshold=args.box_threshold, box_smooth=args.box_smooth,
         save_original_size=args.save_original_size, overwrite=args.overwrite, decode=args.decode,
-        loader_probe=args.loader_probe, progress=not args.quiet,
+        loader_probe=args.loader_probe, progress=not args.quiet, map_dtype=args.map_dtype,
+        exif_transpose=args.exif_transpose, parquet=args.parquet,
     )
     try:
         summary = run(opts)
@@ -201,5 +239,7 @@ def _run(args) -> int:
             f"{r['loader_only_images_per_s_rank0'] or 0:.1f} images/s (rank 0)",
             f"results: {summary['out']}  (fastsal.load_results(...) reads them)",
         ]
+        if summary.get("table"):
+            lines.append(f"table: {summary['table']}")
         print("\n".join(lines))
     return 0

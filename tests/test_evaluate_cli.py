@@ -176,3 +176,29 @@ def test_data_randomization_of_a_user_model_needs_its_permuted_weights(tmp_path,
                "--data", str(tmp_path), "--checks", "data-randomization", "--quiet"])
     assert rc == 2
     assert "--permuted-weights" in capsys.readouterr().err
+
+
+def test_tar_shard_source(tmp_path, capsys):
+    import io
+    import tarfile
+
+    from fastsal.default_model import synthetic
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            image, label, _box = synthetic.sample(i, "test")
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.cls", str(int(label)).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = str(tmp_path / "out")
+    rc = main(["eval", "--out", out, "--data", str(shard), "--n", "4", "--checks", "random-logit",
+               "--methods", "gradient", "--batch-size", "4", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    with open(os.path.join(out, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["data"]["n"] == 4 and res["data"]["labels"] == "true"
+    assert res["data"]["accuracy"] >= 0.75  # the embedded model on its own kind of images

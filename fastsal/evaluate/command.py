@@ -41,7 +41,6 @@ import csv
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -60,6 +59,7 @@ from fastsal.evaluate.randomization import (
     mprt,
     random_logit,
 )
+from fastsal._machine import cpu_name
 from fastsal.evaluate.similarity import SIMILARITIES
 
 CHECKS: Tuple[str, ...] = ("mprt", "mprt-independent", "random-logit", "data-randomization", "pointing", "deletion",
@@ -221,8 +221,8 @@ def _read_box_csv(path: str, n: int, pre) -> EvalData:
 
 
 def _read_source(src: str, n: int, pre) -> EvalData:
-    from fastsal.jobs.images import ImageError, read_rgb, to_tensor
-    from fastsal.jobs.sources import discover
+    from fastsal.jobs.images import load_bytes
+    from fastsal.jobs.sources import discover, open_reader
 
     try:
         source = discover(src)
@@ -231,14 +231,17 @@ def _read_source(src: str, n: int, pre) -> EvalData:
     items = source.items[:n]
     if not items:
         raise EvalError(f"no image found in {src}")
-    tensors = []
-    for it in items:
-        try:
-            tensors.append(to_tensor(read_rgb(it.path), pre))
-        except ImageError as exc:
-            raise EvalError(f"image {it.path}: {exc}") from None
+    # bytes through the job's reader: loose files and tar-shard members alike
+    reader = open_reader(src, source.kind, [it.key for it in source.items])
+    tensors = {}
+    for i, data, error in reader.read(range(len(items))):
+        if error is None:
+            tensor, _size, error = load_bytes(data, pre)
+        if error is not None:
+            raise EvalError(f"image {items[i].key}: {error}")
+        tensors[i] = tensor
     lab = np.array([it.label for it in items], dtype=np.int64) if all(it.label is not None for it in items) else None
-    return EvalData(torch.stack(tensors), lab, None, [it.key for it in items],
+    return EvalData(torch.stack([tensors[i] for i in range(len(items))]), lab, None, [it.key for it in items],
                     f"{os.path.abspath(src)} ({source.kind}, first {len(items)} images, no boxes)")
 
 
@@ -356,17 +359,6 @@ def _curves(model, data: EvalData, method, modes, steps) -> Tuple[dict, List[dic
             rows.append(_row(mode, method, f"{xv:.4f}", "probability", *_nan_stats(curves[:, j])))
     return out, rows
 
-
-def cpu_name() -> str:
-    """The CPU's model name (for the record of where a result was measured)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _json_clean(obj):
