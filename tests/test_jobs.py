@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,20 +19,14 @@ pytest.importorskip("PIL")
 pytest.importorskip("scipy")
 from PIL import Image  # noqa: E402
 
-TESTS = os.path.dirname(__file__)
+from job_results import assert_same_results, job_env, kill_after_first_batch, read_records  # noqa: E402
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)
-    env["OMP_NUM_THREADS"] = "1"  # torchrun's default per rank: the single run must match it
-    return env
 
 
 def _fastsal(*args, check=True, timeout=300):
     cmd = [sys.executable, "-m", "fastsal", *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -69,16 +61,6 @@ RUN = ["--model", "job_models:tiny", "--size", "32", "--batch-size", "4", "--wor
        "--loader-probe", "0"]
 
 
-def _records(out):
-    res = load_results(out)
-    return {k: res[k] for k in res}, res.errors
-
-
-def _assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert np.array_equal(a[k].map, b[k].map), k
-        assert a[k].box == b[k].box and a[k].label == b[k].label and a[k].score == b[k].score, k
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +89,7 @@ def test_discover_imagefolder_and_list(folder, tmp_path):
 
 
 def test_every_good_image_has_a_result_and_bad_files_are_errors(folder, reference_run):
-    records, errors = _records(reference_run)
+    records, errors = read_records(reference_run)
     assert set(errors) == {"cats/corrupt.jpg", "dogs/empty.png"}
     assert errors["dogs/empty.png"] == "empty file"
     assert len(records) == 12
@@ -149,35 +131,26 @@ def test_kill_9_then_rerun_gives_identical_results(folder, tmp_path, reference_r
     slow = [a if a != "job_models:tiny" else "job_models:slow_tiny" for a in RUN]
     # the slow model is the same network, so its results must equal the reference run's
     cmd = [sys.executable, "-m", "fastsal", "run", folder, "--out", out, *slow]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = os.path.join(out, "shards")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.isdir(shards) and any(n.startswith("batch-") for n in os.listdir(shards)):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = [n for n in os.listdir(shards) if n.startswith("batch-")]
+    done = kill_after_first_batch(cmd, out)
     assert 1 <= len(done) < 4, f"the job should have been killed mid-way, had {done}"
     _fastsal("run", folder, "--out", out, *slow)
-    killed, errors = _records(out)
-    ref, ref_errors = _records(reference_run)
-    _assert_same(killed, ref)
+    killed, errors = read_records(out)
+    ref, ref_errors = read_records(reference_run)
+    assert_same_results(killed, ref)
     assert errors == ref_errors
-    assert not [n for n in os.listdir(shards) if n.startswith(".tmp-")]
+    assert not [n for n in os.listdir(os.path.join(out, "shards")) if n.startswith(".tmp-")]
 
 
 def test_torchrun_two_cpu_ranks_equal_a_single_process(folder, tmp_path, reference_run):
     out = str(tmp_path / "ranks")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastsal", "run", folder, "--out", out, *RUN, "--device", "cpu"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout
-    ranks, errors = _records(out)
-    ref, ref_errors = _records(reference_run)
-    _assert_same(ranks, ref)
+    ranks, errors = read_records(out)
+    ref, ref_errors = read_records(reference_run)
+    assert_same_results(ranks, ref)
     assert errors == ref_errors
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -25,17 +23,12 @@ pytest.importorskip("PIL")
 pytest.importorskip("scipy")
 from PIL import Image  # noqa: E402
 
+from job_results import assert_same_results, job_env, kill_after_first_batch, read_records  # noqa: E402
+
 TESTS = os.path.dirname(__file__)
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)  # job_models, for in-process runs
 
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)
-    env["OMP_NUM_THREADS"] = "1"  # torchrun's default per rank: the single run must match it
-    return env
 
 
 def _encode(arr, fmt):
@@ -104,16 +97,6 @@ RUN = ["--model", "job_models:tiny", "--size", "32", "--batch-size", "2", "--wor
        "--loader-probe", "0"]
 
 
-def _records(out):
-    res = load_results(out)
-    return {k: res[k] for k in res}, res.errors
-
-
-def _assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert np.array_equal(a[k].map, b[k].map), k
-        assert a[k].box == b[k].box and a[k].label == b[k].label and a[k].score == b[k].score, k
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +110,7 @@ def tar_run(data, tmp_path_factory):
 def reference_run(data, tmp_path_factory):
     """A separate process with one thread, as torchrun's ranks run."""
     out = str(tmp_path_factory.mktemp("ref") / "out")
-    proc = subprocess.run([sys.executable, "-m", "fastsal", "run", data[0], "--out", out, *RUN], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "fastsal", "run", data[0], "--out", out, *RUN], env=job_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -175,7 +158,7 @@ def test_batches_stay_inside_a_shard():
 
 def test_tar_results_equal_loose_files_and_damage_is_recorded(data, tar_run, tmp_path):
     src, truth = data
-    records, errors = _records(tar_run)
+    records, errors = read_records(tar_run)
     corrupt = "shard-000001.tar/sub/s1_02"
     assert set(records) == set(truth) - {corrupt}
     assert set(errors) == {corrupt, "shard-000002.tar"}
@@ -190,9 +173,9 @@ def test_tar_results_equal_loose_files_and_damage_is_recorded(data, tar_run, tmp
     # the same bytes as loose files give the same maps, boxes and classes
     loose = str(tmp_path / "loose")
     run(RunOptions(src=os.path.join(os.path.dirname(src), "loose"), out=loose, **OPTS))
-    lrec, lerr = _records(loose)
+    lrec, lerr = read_records(loose)
     ext = {k: e for k, (_, _, e) in truth.items()}
-    _assert_same(records, {k: lrec[f"{k}.{ext[k]}"] for k in records})
+    assert_same_results(records, {k: lrec[f"{k}.{ext[k]}"] for k in records})
     assert set(lerr) == {f"{corrupt}.jpg"}
 
 
@@ -200,12 +183,12 @@ def test_target_label_from_cls_and_workers_split_by_shard(data, tar_run, tmp_pat
     src, truth = data
     out = str(tmp_path / "labels")
     run(RunOptions(src=src, out=out, target="label", **{**OPTS, "workers": 2}))
-    records, _ = _records(out)
+    records, _ = read_records(out)
     assert all(rec.target == truth[k][0] for k, rec in records.items())
     # two loader workers (one shard each at a time) compute what one process computed
     out2 = str(tmp_path / "workers")
     run(RunOptions(src=src, out=out2, **{**OPTS, "workers": 2}))
-    _assert_same(_records(out2)[0], _records(tar_run)[0])
+    assert_same_results(read_records(out2)[0], read_records(tar_run)[0])
 
 
 def test_target_label_needs_a_cls_for_every_sample(tmp_path):
@@ -238,37 +221,28 @@ def test_kill_9_over_shards_then_rerun_gives_identical_results(data, tmp_path, r
     out = str(tmp_path / "killed")
     slow = [a if a != "job_models:tiny" else "job_models:slow_tiny" for a in RUN]
     cmd = [sys.executable, "-m", "fastsal", "run", data[0], "--out", out, *slow]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    batches = os.path.join(out, "shards")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.isdir(batches) and any(n.startswith("batch-") for n in os.listdir(batches)):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = [n for n in os.listdir(batches) if n.startswith("batch-")]
+    done = kill_after_first_batch(cmd, out)
     assert 1 <= len(done) < 8, f"the job should have been killed mid-way, had {done}"
     assert not os.path.exists(os.path.join(out, "items.parquet"))
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    killed, errors = _records(out)
-    ref, ref_errors = _records(reference_run)
-    _assert_same(killed, ref)
+    killed, errors = read_records(out)
+    ref, ref_errors = read_records(reference_run)
+    assert_same_results(killed, ref)
     assert errors == ref_errors
-    assert not [n for n in os.listdir(batches) if n.startswith(".tmp-")]
+    assert not [n for n in os.listdir(os.path.join(out, "shards")) if n.startswith(".tmp-")]
 
 
 def test_torchrun_two_ranks_over_shards_equal_one(data, tmp_path, reference_run):
     out = str(tmp_path / "ranks")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastsal", "run", data[0], "--out", out, *RUN, "--device", "cpu"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout
-    ranks, errors = _records(out)
-    ref, ref_errors = _records(reference_run)
-    _assert_same(ranks, ref)
+    ranks, errors = read_records(out)
+    ref, ref_errors = read_records(reference_run)
+    assert_same_results(ranks, ref)
     assert errors == ref_errors
 
 
